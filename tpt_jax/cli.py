@@ -1,0 +1,69 @@
+"""`tpt` command line: run | think | prune | train | eval | bench | convert | plan | budget.
+
+Each stage module defines `add_cli(parser)`, which adds its arguments and sets `func`.
+Only the chosen command's module is imported, so `tpt --help` stays fast. Expected errors
+(`TptError`) print one line and exit 2; they never show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tpt_jax.config import TptError
+
+COMMANDS = {
+    "run": ("tpt_jax.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
+    "think": ("tpt_jax.think", "sample n reasoning traces per question into JSONL shards"),
+    "prune": ("tpt_jax.prune", "verify samples against gold answers and select training data"),
+    "train": ("tpt_jax.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
+    "eval": ("tpt_jax.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
+    "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
+    "convert": ("tpt_jax.weights", "convert between HF safetensors checkpoints and Orbax params"),
+    "plan": ("tpt_jax.plan", "ahead-of-time per-device memory plan for a config on N devices"),
+    "budget": ("tpt_jax.planner", "compute-matched samples per question for two models"),
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpt", description="Think, Prune, Train for Gemma2 in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            importlib.import_module(module).add_cli(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    if chosen is None and not argv:
+        build_parser(only="").print_help()
+        return 2
+    _setup_logging()
+    try:
+        # `tpt --help` lists commands without importing their modules.
+        parser = build_parser(only=chosen or "")
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        result = args.func(args)
+        return int(result or 0)
+    except TptError as e:
+        print(f"tpt {chosen or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

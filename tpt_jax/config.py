@@ -1,0 +1,400 @@
+"""Typed configuration: model presets, run sections, YAML + dotted overrides, clear errors.
+
+Every config is a dataclass; `from_dict` builds one from plain data and rejects unknown keys,
+wrong types and impossible values with a `ConfigError` that names the offending key. The CLI
+catches `ConfigError` (and every other `TptError`) and prints one line, never a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class TptError(Exception):
+    """An expected, user-facing error: the CLI prints its message on one line and exits 2."""
+
+
+class ConfigError(TptError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Gemma2 architecture hyperparameters (names follow the Gemma2 paper / HF config)."""
+
+    vocab_size: int = 256000
+    embed_dim: int = 2304
+    hidden_dim: int = 9216  # MLP intermediate size
+    num_layers: int = 26
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256.0
+    sliding_window: int = 4096  # even layers (0, 2, ...) are local, odd layers global
+    attn_logit_softcap: Optional[float] = 50.0
+    final_logit_softcap: Optional[float] = 30.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def validate(self, where: str = "model") -> None:
+        for f in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "sliding_window"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{where}.{f} must be positive, got {getattr(self, f)}")
+        if self.num_layers % 2:
+            raise ConfigError(f"{where}.num_layers must be even (Gemma2 alternates local/global "
+                              f"layers in pairs), got {self.num_layers}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{where}.num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where}.head_dim must be even for RoPE, got {self.head_dim}")
+
+    def param_count(self) -> int:
+        """Exact parameter count (tied embedding counted once)."""
+        d, f, h = self.embed_dim, self.hidden_dim, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 4 * d
+        return self.vocab_size * d + self.num_layers * per_layer + d
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "gemma2-2b": ModelConfig(),
+    "gemma2-9b": ModelConfig(embed_dim=3584, hidden_dim=14336, num_layers=42, num_heads=16,
+                             num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256.0),
+    "gemma2-27b": ModelConfig(embed_dim=4608, hidden_dim=36864, num_layers=46, num_heads=32,
+                              num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144.0),
+    # Peer benchmark shapes (../shared/peers/configs.py).
+    "tiny": ModelConfig(vocab_size=512, embed_dim=128, hidden_dim=512, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32.0),
+    "small": ModelConfig(vocab_size=8192, embed_dim=512, hidden_dim=2048, num_layers=4, num_heads=8,
+                         num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64.0),
+    # CPU test shapes: every sharded dimension divides by 8.
+    "test-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
+                             num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
+                             sliding_window=8),
+    "test-27b-like": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=2,
+                                 num_heads=8, num_kv_heads=4, head_dim=8,
+                                 query_pre_attn_scalar=12.0, sliding_window=6),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name]
+
+
+# ----------------------------------------------------------------------------- run sections
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh shape. One axis may be -1: it takes all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where questions come from. `source`: synthetic | gsm8k | math | jsonl | tfds."""
+
+    source: str = "synthetic"
+    train_path: Optional[str] = None  # local/gs:// JSONL; for gsm8k: offline alternative to the hub
+    test_path: Optional[str] = None
+    hf_name: Optional[str] = None  # e.g. openai/gsm8k
+    hf_config: Optional[str] = None
+    tfds_name: Optional[str] = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ThinkConfig:
+    """Sampling traces for the training questions."""
+
+    n: int = 4
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    max_new_tokens: int = 1500
+    max_prompt_tokens: int = 512
+    batch_size: int = 32  # rows (prompts x n) per compiled decode batch
+    stop: list = dataclasses.field(default_factory=list)
+    shard_size: int = 256  # questions per JSONL shard (the resume unit)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Which correct samples become training examples."""
+
+    strategy: str = "first-correct"
+    max_per_question: Optional[int] = None
+    calculator_check: bool = False
+    max_examples: Optional[int] = 2000  # cap per round (TPT: 2,000)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Supervised fine-tuning (TPT defaults)."""
+
+    learning_rate: float = 1e-6
+    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1600
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = 1.0
+    eval_every: int = 0  # 0 = only at the end
+    eval_fraction: float = 0.0
+    keep_checkpoints: int = 2
+    save_every: int = 0  # 0 = only at the end
+    remat: str = "none"  # none | full | dots
+    pack: bool = False
+    loss_chunk: int = 8192
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation after each round."""
+
+    split: str = "test"
+    greedy: bool = True
+    n: int = 0  # sampled Pass@k uses n samples per question (0 = greedy only)
+    k: list = dataclasses.field(default_factory=lambda: [1])
+    temperature: float = 0.7
+    max_new_tokens: int = 1500
+    limit: Optional[int] = None
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A whole TPT run: model, mesh, data, and each stage's settings."""
+
+    model: str = "test-tiny"  # preset name
+    checkpoint: Optional[str] = None  # HF checkpoint dir (local or gs://) to start from
+    tokenizer: Optional[str] = None  # sentencepiece model / HF tokenizer dir
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    prompt: str = "zero-shot"
+    rounds: int = 3
+    init_from: str = "previous"  # previous (TPT) | base (RFT, ReST-EM)
+    seed: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    think: ThinkConfig = dataclasses.field(default_factory=ThinkConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; convert the few lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: "
+                          f"{', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(cfg: Any) -> str:
+    """Stable short hash of a config, stored with checkpoints and run state."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict (a copy); type checking happens in `from_dict`."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a file in configs/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path!r} not found (not a file, not one of: "
+                      f"{', '.join(known) or 'no configs/ directory'})")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return data
+
+
+def validate_run(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that a type check cannot express."""
+    if cfg.model not in MODEL_PRESETS and cfg.checkpoint is None:
+        raise ConfigError(f"model: unknown preset {cfg.model!r} and no checkpoint given; known "
+                          f"presets: {', '.join(MODEL_PRESETS)}")
+    if cfg.init_from not in ("previous", "base"):
+        raise ConfigError(f"init_from must be 'previous' or 'base', got {cfg.init_from!r}")
+    if cfg.rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {cfg.rounds}")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name} must be a positive size or -1, got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("mesh: at most one axis may be -1")
+    for dt in ("dtype", "param_dtype"):
+        if getattr(cfg, dt) not in ("float32", "bfloat16"):
+            raise ConfigError(f"{dt} must be float32 or bfloat16, got {getattr(cfg, dt)!r}")
+    t = cfg.think
+    if t.n < 1:
+        raise ConfigError(f"think.n must be >= 1, got {t.n}")
+    if t.temperature < 0:
+        raise ConfigError(f"think.temperature must be >= 0, got {t.temperature}")
+    if not 0 < t.top_p <= 1:
+        raise ConfigError(f"think.top_p must be in (0, 1], got {t.top_p}")
+    if t.max_new_tokens < 1 or t.batch_size < 1 or t.shard_size < 1:
+        raise ConfigError("think.max_new_tokens, think.batch_size and think.shard_size must be >= 1")
+    tr = cfg.train
+    if tr.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be > 0, got {tr.learning_rate}")
+    if not 0 <= tr.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {tr.warmup_ratio}")
+    if tr.batch_size < 1 or tr.grad_accum < 1 or tr.max_length < 2:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1, train.max_length >= 2")
+    if tr.remat not in ("none", "full", "dots"):
+        raise ConfigError(f"train.remat must be none, full or dots, got {tr.remat!r}")
+    if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
+        raise ConfigError(f"eval.n must be >= 0 and eval.k a list of positive integers")
+    return cfg
+
+
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """YAML file (or configs/ name, default tiny_cpu) + dotted overrides -> validated RunConfig."""
+    data = read_yaml(resolve_config_path(path or "tiny_cpu"))
+    data = apply_overrides(data, overrides or [])
+    return validate_run(from_dict(RunConfig, data, "config"))
