@@ -1,0 +1,64 @@
+"""End-of-run report: a table of rounds in the terminal and a PNG plot in the run directory."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def table(metrics: Sequence[dict]) -> str:
+    """Rounds as rows: greedy Pass@1, sampled pass@k, training examples, coverage, time."""
+    ks = sorted({k for m in metrics for k in (m.get("pass@k") or {})}, key=int)
+    head = ["round", "pass@1"] + [f"pass@{k}" for k in ks] + ["train ex", "coverage", "wall s"]
+    rows = [head]
+    for m in metrics:
+        rows.append([str(m["round"]), _pct(m.get("pass@1"))]
+                    + [_pct((m.get("pass@k") or {}).get(k)) for k in ks]
+                    + [str(m.get("train_examples", "-")), _pct(m.get("coverage")),
+                       f"{sum((m.get('wall_s') or {}).values()):.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(metrics: Sequence[dict], out_path: str, title: str = "Think, Prune, Train") -> str:
+    """Accuracy (greedy Pass@1, sampled pass@k) and kept training data per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(rounds, [100 * (m.get("pass@1") or 0) for m in metrics], "o-", lw=2,
+            label="greedy Pass@1")
+    ks = sorted({k for m in metrics for k in (m.get("pass@k") or {})}, key=int)
+    for k in ks:
+        vals = [(m.get("pass@k") or {}).get(k) for m in metrics]
+        if any(v is not None for v in vals):
+            ax.plot(rounds, [None if v is None else 100 * v for v in vals], "s--",
+                    label=f"sampled pass@{k}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy on eval split (%)")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.bar(rounds, [m.get("train_examples") or 0 for m in metrics], alpha=0.18, color="gray",
+            label="training examples")
+    ax2.set_ylabel("training examples kept")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
