@@ -141,15 +141,26 @@ class ThinkConfig:
     seed: int = 0
 
 
+# Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +
+# dedup-equations. Order in the string does not matter: filters, then dedup, then caps.
+PRUNE_STEPS = ("first-correct", "all-correct", "max-k", "dedup-text", "dedup-equations",
+               "calculator", "rft")
+
+
 @dataclasses.dataclass
 class PruneConfig:
     """Which correct samples become training examples."""
 
     strategy: str = "first-correct"
-    max_per_question: Optional[int] = None
-    calculator_check: bool = False
-    max_examples: Optional[int] = 2000  # cap per round (TPT: 2,000)
+    max_per_question: Optional[int] = None  # the K of max-k (also caps any strategy)
+    calculator_check: bool = False  # every <<lhs=rhs>> must evaluate right (RFT)
+    max_examples: Optional[int] = 2000  # cap per round (TPT: 2,000); random subset by seed
     seed: int = 0
+    min_chars: Optional[int] = None  # length limits on the completion
+    max_chars: Optional[int] = None
+    max_tokens: Optional[int] = None  # on the sample's `tokens` field
+    answer_fallback: bool = False  # accept the last number when no answer marker is found
+    metrics_k: Optional[list] = None  # k for pass@k/maj@k/diversity@k; None: 1, 2, 4, ... n
 
 
 @dataclasses.dataclass
@@ -388,9 +399,31 @@ def validate_run(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1, train.max_length >= 2")
     if tr.remat not in ("none", "full", "dots"):
         raise ConfigError(f"train.remat must be none, full or dots, got {tr.remat!r}")
+    validate_prune(cfg.prune)
     if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.n must be >= 0 and eval.k a list of positive integers")
     return cfg
+
+
+def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:
+    """Strategy steps known, max-k has its K, limits positive."""
+    steps = [x.strip() for x in p.strategy.split("+")]
+    for step in steps:
+        if step not in PRUNE_STEPS:
+            raise ConfigError(f"{where}.strategy: unknown step {step!r} in {p.strategy!r}; known: "
+                              f"{', '.join(PRUNE_STEPS)} (join several with '+')")
+    if "max-k" in steps and p.max_per_question is None:
+        raise ConfigError(f"{where}.strategy max-k needs {where}.max_per_question")
+    for name in ("max_per_question", "max_chars", "max_tokens"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise ConfigError(f"{where}.{name} must be >= 1 or null, got {getattr(p, name)}")
+    for name in ("max_examples", "min_chars"):
+        if getattr(p, name) is not None and getattr(p, name) < 0:
+            raise ConfigError(f"{where}.{name} must be >= 0 or null, got {getattr(p, name)}")
+    if p.metrics_k is not None and any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in p.metrics_k):
+        raise ConfigError(f"{where}.metrics_k must be a list of positive integers, got {p.metrics_k}")
+    return p
 
 
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:

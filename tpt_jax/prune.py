@@ -1,0 +1,483 @@
+"""Prune: verify sampled traces against gold answers and select the training examples.
+
+One streaming pass over the sample records computes each verdict (unfinished, no answer, wrong,
+correct), keeps only what selection can still use, and gathers the data metrics. Selection then
+runs per question: filters (calculator, length), dedup (text or RFT equation paths), caps
+(first-correct, max-k), and finally the per-round cap on examples. Every record ends up kept,
+dropped for a named reason, or reported as bad input with its file and line: nothing silently.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections import Counter
+from typing import Iterable, Optional
+
+from tpt_jax import answers, metrics
+from tpt_jax.config import PruneConfig, TptError, validate_prune
+from tpt_jax.io import Skips, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FIELDS = ("id", "sample", "prompt", "completion")
+DATASET_FIELDS = ("id", "answer")
+# Drop reasons, in the order a sample meets them.
+DROP_REASONS = ("question has no gold answer", "unfinished", "no answer", "wrong answer",
+                "calculator check failed", "too short", "too long", "duplicate text",
+                "duplicate equations", "over max per question", "over max examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A strategy string resolved into what each selection stage does."""
+
+    calculator: bool
+    dedup_text: bool
+    dedup_equations: bool
+    cap: Optional[int]  # per question
+
+
+def make_plan(cfg: PruneConfig) -> Plan:
+    validate_prune(cfg)
+    steps = {s.strip() for s in cfg.strategy.split("+")}
+    caps = [c for c in (1 if "first-correct" in steps else None, cfg.max_per_question)
+            if c is not None]
+    return Plan(calculator=cfg.calculator_check or "calculator" in steps or "rft" in steps,
+                dedup_text="dedup-text" in steps,
+                dedup_equations="dedup-equations" in steps or "rft" in steps,
+                cap=min(caps) if caps else None)
+
+
+class _Question:
+    """What one question needs after the streaming pass."""
+
+    __slots__ = ("gold", "index", "prompt", "votes", "cands", "seen", "over_cap")
+
+    def __init__(self, gold: Optional[str], index: int):
+        self.gold, self.index, self.prompt = gold, index, None
+        self.votes: list = []  # (sample, src_rank, answer key, correct, solution hash)
+        self.cands: list = []  # (sample, src_rank, seq, completion, extracted, tokens, prompt)
+        self.seen: set = set()
+        self.over_cap = 0
+
+
+def _norm_id(v) -> Optional[str]:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return None
+
+
+def _auto_ks(max_n: int) -> list[int]:
+    ks, k = [], 1
+    while k <= max_n:
+        ks.append(k)
+        k *= 2
+    if max_n and ks[-1] != max_n:
+        ks.append(max_n)
+    return ks
+
+
+def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[str, dict, str]],
+                 cfg: PruneConfig, skips: Optional[Skips] = None) -> tuple[list[dict], dict]:
+    """Core of Prune. `dataset`: (where, record); `samples`: (where, record, default source),
+    where `where` is 'file:line' for reports. Returns (training examples, stats)."""
+    t0 = time.perf_counter()
+    plan = make_plan(cfg)
+    skips = skips if skips is not None else Skips()
+    questions: dict[str, _Question] = {}
+    for where, rec in dataset:
+        qid = _norm_id(rec.get("id"))
+        if qid is None:
+            skips.add("dataset: bad field 'id'", where)
+            continue
+        if qid in questions:
+            skips.add("dataset: duplicate id", where)
+            continue
+        gold = answers.parse_gold(rec.get("answer"))
+        if gold is None:
+            skips.add("dataset: no usable gold answer", where)
+        questions[qid] = _Question(gold, len(questions))
+    usable = sum(1 for q in questions.values() if q.gold is not None)
+    if not usable:
+        raise TptError("the dataset has no question with a usable gold answer"
+                       + (f" ({skips.summary()})" if skips.total() else ""))
+
+    dropped = Counter()
+    src_rank: dict[str, int] = {}
+    per_src = {}  # source -> Counter(samples, correct, calc_wrong, with_annotations)
+    verdict = functools.lru_cache(maxsize=1 << 18)(answers.is_correct)
+    extract, calc_errors, fallback = answers.extract_answer, answers.calculator_errors, \
+        cfg.answer_fallback
+    n_records = 0
+    seq = 0
+    for where, rec, default_source in samples:
+        n_records += 1
+        q = questions.get(_norm_id(rec.get("id")))
+        if q is None:
+            skips.add("sample: unknown id", where)
+            continue
+        sample, completion, prompt = rec.get("sample"), rec.get("completion"), rec.get("prompt")
+        source = rec.get("source", default_source)
+        finish = rec.get("finish", "stop")
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            skips.add("sample: bad field 'sample'", where)
+            continue
+        if not isinstance(completion, str) or not isinstance(prompt, str):
+            skips.add("sample: bad field 'completion' or 'prompt'", where)
+            continue
+        if not isinstance(source, str) or finish not in ("stop", "length", None):
+            skips.add("sample: bad field 'source' or 'finish'", where)
+            continue
+        if q.gold is None:
+            dropped["question has no gold answer"] += 1
+            continue
+        rank = src_rank.get(source)
+        if rank is None:
+            rank = src_rank[source] = len(src_rank)
+            per_src[source] = Counter()
+        key = (sample << 8) | rank if rank < 256 else (sample, rank)
+        if key in q.seen:
+            skips.add("sample: duplicate (id, source, sample)", where)
+            continue
+        q.seen.add(key)
+        stats = per_src[source]
+        stats["samples"] += 1
+        if finish == "length":
+            dropped["unfinished"] += 1
+            q.votes.append((sample, rank, None, False, None))
+            continue
+        extracted = extract(completion, fallback)
+        if extracted is None:
+            dropped["no answer"] += 1
+            q.votes.append((sample, rank, None, False, None))
+            continue
+        if not verdict(extracted, q.gold):
+            dropped["wrong answer"] += 1
+            q.votes.append((sample, rank, answers.answer_key(extracted), False, None))
+            continue
+        stats["correct"] += 1
+        q.votes.append((sample, rank, "=", True, hash(answers.text_key(completion))))
+        calc_ok = True
+        if "<<" in completion:
+            stats["with_annotations"] += 1
+            if calc_errors(completion):
+                stats["calc_wrong"] += 1
+                calc_ok = False
+        if plan.calculator and not calc_ok:
+            dropped["calculator check failed"] += 1
+            continue
+        n_chars = len(completion)
+        tokens = rec.get("tokens")
+        if cfg.min_chars is not None and n_chars < cfg.min_chars:
+            dropped["too short"] += 1
+            continue
+        if (cfg.max_chars is not None and n_chars > cfg.max_chars) or (
+                cfg.max_tokens is not None and isinstance(tokens, int) and tokens > cfg.max_tokens):
+            dropped["too long"] += 1
+            continue
+        if q.prompt is None:
+            q.prompt = prompt
+        cand = (sample, rank, seq, completion, extracted, tokens,
+                None if prompt == q.prompt else prompt)
+        seq += 1
+        if plan.cap is not None and not (plan.dedup_text or plan.dedup_equations):
+            # No dedup: only the `cap` best-ordered candidates can survive, keep just those.
+            bisect.insort(q.cands, cand)
+            if len(q.cands) > plan.cap:
+                q.cands.pop()
+                q.over_cap += 1
+        else:
+            q.cands.append(cand)
+
+    kept = _select(questions, plan, dropped)
+    sources = sorted(src_rank, key=src_rank.get)
+    for src in sources:
+        per_src[src]["kept"] = 0
+    if cfg.max_examples is not None and len(kept) > cfg.max_examples:
+        chosen = sorted(random.Random(cfg.seed).sample(range(len(kept)), cfg.max_examples))
+        dropped["over max examples"] += len(kept) - len(chosen)
+        kept = [kept[i] for i in chosen]
+    examples = []
+    for qid, q, c in kept:
+        per_src[sources[c[1]]]["kept"] += 1
+        ex = {"id": qid, "sample": c[0], "source": sources[c[1]], "prompt": c[6] or q.prompt,
+              "completion": c[3], "extracted": c[4], "correct": True}
+        if c[5] is not None:
+            ex["tokens"] = c[5]
+        examples.append(ex)
+    stats = _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records,
+                   len(examples), len({qid for qid, _, _ in kept}))
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return examples, stats
+
+
+def _select(questions: dict, plan: Plan, dropped: Counter) -> list:
+    """Per-question dedup and caps. Returns [(qid, question, candidate)] in dataset order."""
+    kept = []
+    for qid, q in questions.items():
+        if q.over_cap:
+            dropped["over max per question"] += q.over_cap
+        if not q.cands:
+            continue
+        cands = sorted(q.cands)  # (sample, source rank, arrival): first = lowest sample index
+        if plan.dedup_text:
+            seen, unique = set(), []
+            for c in cands:
+                k = answers.text_key(c[3])
+                if k in seen:
+                    dropped["duplicate text"] += 1
+                else:
+                    seen.add(k)
+                    unique.append(c)
+            cands = unique
+        if plan.dedup_equations:
+            before = len(cands)
+            cands = dedup_equations(cands, text=lambda c: c[3])
+            dropped["duplicate equations"] += before - len(cands)
+        if plan.cap is not None and len(cands) > plan.cap:
+            dropped["over max per question"] += len(cands) - plan.cap
+            cands = cands[:plan.cap]
+        kept.extend((qid, q, c) for c in cands)
+    return kept
+
+
+def dedup_equations(items: list, text=lambda x: x) -> list:
+    """RFT distinct reasoning paths: one item per equation sequence. Where several items share
+    a sequence, the one with the largest summed edit distance to the other sequences'
+    representatives survives (the most different path); with no other sequence, the first.
+    Keys keep their first-appearance order."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(answers.equations_key(text(item)), []).append(item)
+    chosen = {key: members[0] for key, members in groups.items()}
+    for key, members in groups.items():
+        if len(members) < 2 or len(groups) < 2:
+            continue
+        others = [text(v) for k, v in chosen.items() if k != key]
+        scores = [sum(answers.edit_distance(text(m), o) for o in others) for m in members]
+        chosen[key] = members[scores.index(max(scores))]  # ties: the earliest
+    return list(chosen.values())
+
+
+def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_kept,
+           n_kept_q) -> dict:
+    usable = [q for q in questions.values() if q.gold is not None]
+    max_n = max((len(q.votes) for q in usable), default=0)
+    ks = list(cfg.metrics_k) if cfg.metrics_k else _auto_ks(max_n)
+
+    def layout(q, rank=None):
+        votes = sorted(v for v in q.votes if rank is None or v[1] == rank)
+        return [(v[2], v[3], v[4]) for v in votes]
+
+    def fp(c: Counter) -> dict:
+        return {"correct": c["correct"], "with_annotations": c["with_annotations"],
+                "calculator_wrong": c["calc_wrong"],
+                "rate": c["calc_wrong"] / c["correct"] if c["correct"] else None}
+
+    total = Counter()
+    for c in per_src.values():
+        total.update(c)
+    pooled = {i: layout(q) for i, q in enumerate(usable) if q.votes}
+    pooled_metrics = metrics.summarize(pooled, ks)
+    by_source = {}
+    for rank, src in enumerate(sources):
+        if len(sources) == 1:
+            lists, summary = pooled, pooled_metrics
+        else:
+            lists = {i: layout(q, rank) for i, q in enumerate(usable)}
+            lists = {i: v for i, v in lists.items() if v}
+            summary = metrics.summarize(lists, ks)
+        by_source[src] = {"samples": per_src[src]["samples"], "correct": per_src[src]["correct"],
+                          "kept": per_src[src]["kept"], "questions": len(lists),
+                          "false_positive": fp(per_src[src]), "metrics": summary}
+    n_samples = total["samples"]
+    return {
+        "strategy": cfg.strategy,
+        "config": dataclasses.asdict(cfg),
+        "plan": dataclasses.asdict(plan),
+        "counts": {
+            "dataset_rows": len(questions), "questions": len(usable),
+            "questions_with_samples": len(pooled),
+            "questions_with_correct": sum(1 for v in pooled.values() if any(x[1] for x in v)),
+            "questions_kept": n_kept_q,
+            "sample_records": n_records, "samples": n_samples, "correct": total["correct"],
+            "kept": n_kept,
+            "dropped": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
+            "bad_input": skips.total(),
+        },
+        "bad_input": skips.to_json(),
+        "metrics": pooled_metrics,
+        "false_positive": fp(total),
+        "by_source": by_source,
+    }
+
+
+def prune_records(dataset: Iterable[dict], samples: Iterable[dict], cfg: PruneConfig,
+                  source: str = "samples") -> tuple[list[dict], dict]:
+    """In-memory Prune for the round loop: dataset records + sample records -> (training
+    examples, stats). Bad records are reported as 'dataset[i]' / 'samples[i]'."""
+    return prune_stream(((f"dataset[{i}]", r) for i, r in enumerate(dataset)),
+                        ((f"samples[{i}]", r, source) for i, r in enumerate(samples)), cfg)
+
+
+def prune_files(dataset_path: str, sample_paths: list[str], cfg: PruneConfig,
+                out_path: Optional[str] = None, stats_path: Optional[str] = None
+                ) -> tuple[list[dict], dict]:
+    """Prune from JSONL files (several sample files are pooled, RFT-U); writes OUT and STATS
+    atomically when given. A sample without `source` takes its file's name."""
+    skips = Skips()
+
+    def sample_items():
+        for p in sample_paths:
+            default = os.path.splitext(os.path.basename(str(p)))[0]
+            for lineno, rec in read_jsonl(p, skips, SAMPLE_FIELDS):
+                yield f"{p}:{lineno}", rec, default
+
+    dataset = ((f"{dataset_path}:{n}", r) for n, r in read_jsonl(dataset_path, skips,
+                                                                  DATASET_FIELDS))
+    examples, stats = prune_stream(dataset, sample_items(), cfg, skips)
+    stats["inputs"] = {"dataset": str(dataset_path), "samples": [str(p) for p in sample_paths]}
+    if out_path is not None:
+        write_jsonl_atomic(out_path, examples)
+    if stats_path is not None:
+        write_json_atomic(stats_path, stats)
+    return examples, stats
+
+
+def summary_line(stats: dict) -> str:
+    c = stats["counts"]
+    drops = ", ".join(f"{v} {k}" for k, v in c["dropped"].items()) or "none"
+    bad = "; bad input: " + ", ".join(f"{v['count']} {k}" for k, v in stats["bad_input"].items()) \
+        if stats["bad_input"] else ""
+    return (f"kept {c['kept']} of {c['samples']} samples ({c['questions_kept']} of "
+            f"{c['questions']} questions); dropped: {drops}{bad}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _config_from_args(args) -> PruneConfig:
+    return PruneConfig(strategy=args.strategy, max_per_question=args.max_per_question,
+                       calculator_check=args.calculator_check,
+                       max_examples=None if args.max_examples == 0 else args.max_examples,
+                       seed=args.seed, min_chars=args.min_chars, max_chars=args.max_chars,
+                       max_tokens=args.max_tokens, answer_fallback=args.answer_fallback,
+                       metrics_k=args.k)
+
+
+def _run(args) -> int:
+    cfg = _config_from_args(args)
+    _, stats = prune_files(args.dataset, args.samples, cfg, args.out, args.stats)
+    log.info("prune: %s (%.1fs)", summary_line(stats), stats["seconds"])
+    return 0
+
+
+def add_cli(parser) -> None:
+    d = PruneConfig()
+    parser.add_argument("--dataset", required=True, help="dataset JSONL (id, question, answer)")
+    parser.add_argument("--samples", required=True, nargs="+",
+                        help="sample JSONL files; several are pooled before selection (RFT-U)")
+    parser.add_argument("--strategy", default=d.strategy,
+                        help="steps joined with '+': first-correct | all-correct | max-k | "
+                             "dedup-text | dedup-equations | calculator | rft "
+                             f"(default {d.strategy})")
+    parser.add_argument("--out", required=True, help="training examples JSONL")
+    parser.add_argument("--stats", required=True, help="stats JSON")
+    parser.add_argument("--max-per-question", type=int, help="K for max-k; caps any strategy")
+    parser.add_argument("--calculator-check", action="store_true",
+                        help="drop traces with a wrong <<lhs=rhs>> annotation")
+    parser.add_argument("--max-examples", type=int, default=d.max_examples,
+                        help=f"random subset of at most N examples (default {d.max_examples}; "
+                             "0 = no cap)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--min-chars", type=int)
+    parser.add_argument("--max-chars", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--answer-fallback", action="store_true",
+                        help="accept the last number when no answer marker is found")
+    parser.add_argument("--k", type=int, nargs="+", help="k values for pass@k, maj@k, "
+                                                         "diversity@k (default 1, 2, 4, ... n)")
+    parser.set_defaults(func=_run)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def write_synthetic(directory: str, records: int, per_question: int = 16, seed: int = 0
+                    ) -> tuple[str, str]:
+    """GSM8K-shaped dataset + samples: calculator annotations, a mix of `####`, 'The answer
+    is' and \\boxed answers, wrong answers, missing answers and unfinished samples."""
+    rng = random.Random(seed)
+    nq = max(1, math.ceil(records / per_question))
+    ds_path, s_path = os.path.join(directory, "dataset.jsonl"), os.path.join(directory, "s.jsonl")
+    golds = []
+    with open(ds_path, "w") as f:
+        for i in range(nq):
+            a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
+            golds.append((a, b, c, (a + b) * c))
+            f.write(json.dumps({"id": f"q{i}", "question": f"Tom has {a} apples and buys {b} "
+                                f"more, {c} times over. How many?",
+                                "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n"
+                                          f"{a + b}*{c}=<<{a + b}*{c}={(a + b) * c}>>"
+                                          f"{(a + b) * c}\n#### {(a + b) * c:,}"}) + "\n")
+    with open(s_path, "w") as f:
+        for r in range(records):
+            i, s = divmod(r, per_question)
+            a, b, c, ans = golds[i]
+            u = rng.random()
+            shown = ans if u < 0.5 else ans + rng.randint(1, 9)
+            body = (f"Tom starts with {a} apples and buys {b}, so {a}+{b}=<<{a}+{b}={a + b}>>"
+                    f"{a + b}. Sample {s} thinks: repeated {c} times gives "
+                    f"{a + b}*{c}=<<{a + b}*{c}={shown}>>{shown} apples in total.\n")
+            ending = ("#### {:,}", "The answer is ${}.", "So \\boxed{{{}}}.")[r % 3].format(shown)
+            f.write(json.dumps({"id": f"q{i}", "sample": s, "source": "synthetic",
+                                "prompt": f"Question {i}: solve step by step.",
+                                "completion": body + (ending if u < 0.95 else "Done."),
+                                "finish": "length" if u > 0.98 else "stop",
+                                "tokens": 60 + s}) + "\n")
+    return ds_path, s_path
+
+
+def bench_prune(args) -> int:
+    """`tpt bench prune`: time `tpt prune` end to end (read, verify, select, write) on
+    synthetic records; prints one JSON line."""
+    cfg = PruneConfig(strategy=args.strategy, max_examples=None,
+                      max_per_question=args.max_per_question)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        t = time.perf_counter()
+        ds, sp = write_synthetic(tmp, args.records, args.per_question)
+        gen_s = time.perf_counter() - t
+        t, cpu = time.perf_counter(), time.process_time()
+        examples, stats = prune_files(ds, [sp], cfg, os.path.join(tmp, "out.jsonl"),
+                                      os.path.join(tmp, "stats.json"))
+        secs, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(json.dumps({"bench": "prune", "records": args.records, "seconds": round(secs, 2),
+                      "records_per_s": round(args.records / secs),
+                      "cpu_seconds": round(cpu, 2), "kept": len(examples),
+                      "correct": stats["counts"]["correct"], "strategy": args.strategy,
+                      "per_question": args.per_question, "generate_seconds": round(gen_s, 2)}))
+    return 0
+
+
+def add_bench_cli(parser) -> None:
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--per-question", type=int, default=16)
+    parser.add_argument("--strategy", default="first-correct")
+    parser.add_argument("--max-per-question", type=int)
+    parser.add_argument("--workdir", help="where the synthetic files go (default: system tmp)")
+    parser.set_defaults(func=bench_prune)
+
+
+def add_prune_bench(subparsers) -> None:
+    """Register `prune` on a `tpt bench` subparsers object."""
+    add_bench_cli(subparsers.add_parser("prune", help="records/s of tpt prune"))
