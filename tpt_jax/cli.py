@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from tpt_jax.config import TptError
@@ -26,9 +25,8 @@ COMMANDS = {
 }
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+# Commands that may run on several hosts: they connect to the other processes first.
+MULTI_HOST = ("run", "think", "train", "eval", "convert")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -47,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is None and not argv:
         build_parser(only="").print_help()
         return 2
-    _setup_logging()
     try:
+        from tpt_jax import distributed
+
+        if chosen in MULTI_HOST:
+            distributed.initialize()  # before any other JAX use; a no-op on one process
+        distributed.setup_logging(force=True)  # every line carries [pN], its process
         # `tpt --help` lists commands without importing their modules.
         parser = build_parser(only=chosen or "")
         args = parser.parse_args(argv)
