@@ -203,3 +203,14 @@ def test_edit_distance_matches_dynamic_programming():
         a = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 90)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 90)))
         assert edit_distance(a, b) == _dp_levenshtein(a, b), (a, b)
+
+
+def test_symbolic_check_works_off_the_main_thread():
+    """math-verify's timeout needs the main thread; elsewhere it must still verify."""
+    import threading
+    answers._math_verify.cache_clear()
+    got = []
+    t = threading.Thread(target=lambda: got.append(is_correct("\\sqrt{12}", "2\\sqrt{3}")))
+    t.start()
+    t.join()
+    assert got == [True]

@@ -100,6 +100,13 @@ def test_dedup_text_and_length_limits():
     kept, stats = prune_records(DATASET, samples, _cfg(max_chars=40, min_chars=5))
     assert [k["sample"] for k in kept] == [0, 1, 2]
     assert stats["counts"]["dropped"] == {"too long": 1}
+    kept, stats = prune_records(DATASET, samples, _cfg(min_chars=30))
+    assert [k["sample"] for k in kept] == [3]
+    assert stats["counts"]["dropped"] == {"too short": 3}
+    toks = [_s("q1", i, "#### 4", tokens=t) for i, t in enumerate([10, 99])] + [_s("q1", 2, "#### 4")]
+    kept, stats = prune_records(DATASET, toks, _cfg(max_tokens=50))
+    assert [(k["sample"], k.get("tokens")) for k in kept] == [(0, 10), (2, None)]
+    assert stats["counts"]["max_tokens_unchecked"] == 1
 
 
 def test_rft_dedup_keeps_the_most_different_path():

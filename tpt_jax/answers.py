@@ -13,6 +13,7 @@ import functools
 import math
 import operator
 import re
+import threading
 from typing import Optional
 
 # ----------------------------------------------------------------------------- extraction
@@ -258,11 +259,13 @@ def parse_gold(answer: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _math_verify(gold: str, pred: str) -> bool:
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         from math_verify import parse, verify
-        g = parse(f"${gold}$")
-        p = parse(f"${pred}$")
-        return bool(g) and bool(p) and bool(verify(g, p))
+        g = parse(f"${gold}$", parsing_timeout=limit)
+        p = parse(f"${pred}$", parsing_timeout=limit)
+        return bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=limit))
     except Exception:  # math-verify gives up (timeouts, parse errors): not verified
         return False
 

@@ -118,8 +118,7 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
     verdict = functools.lru_cache(maxsize=1 << 18)(answers.is_correct)
     extract, calc_errors, fallback = answers.extract_answer, answers.calculator_errors, \
         cfg.answer_fallback
-    n_records = 0
-    seq = 0
+    n_records = seq = unchecked = 0
     for where, rec, default_source in samples:
         n_records += 1
         q = questions.get(_norm_id(rec.get("id")))
@@ -181,6 +180,8 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
         if cfg.min_chars is not None and n_chars < cfg.min_chars:
             dropped["too short"] += 1
             continue
+        if cfg.max_tokens is not None and not isinstance(tokens, int):
+            unchecked += 1  # no token count given: the token limit cannot apply
         if (cfg.max_chars is not None and n_chars > cfg.max_chars) or (
                 cfg.max_tokens is not None and isinstance(tokens, int) and tokens > cfg.max_tokens):
             dropped["too long"] += 1
@@ -217,6 +218,7 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
         examples.append(ex)
     stats = _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records,
                    len(examples), len({qid for qid, _, _ in kept}))
+    stats["counts"]["max_tokens_unchecked"] = unchecked  # correct samples without `tokens`
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return examples, stats
 
