@@ -214,3 +214,40 @@ def test_symbolic_check_works_off_the_main_thread():
     t.start()
     t.join()
     assert got == [True]
+
+
+def test_edit_distance_on_word_lists():
+    assert edit_distance("the cat sat".split(), "the dog sat down".split()) == 2
+    rng = random.Random(1)
+    words = ["a", "bb", "c", "dd", "e"]
+    for _ in range(100):
+        a = [rng.choice(words) for _ in range(rng.randint(0, 40))]
+        b = [rng.choice(words) for _ in range(rng.randint(0, 40))]
+        assert edit_distance(a, b) == _dp_levenshtein(a, b)
+
+
+def test_edit_distances_to_many_patterns_at_once():
+    rng = random.Random(2)
+    for _ in range(200):
+        a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        pats = ["".join(rng.choice("abcd") for _ in range(rng.randint(0, 30)))
+                for _ in range(rng.randint(1, 5))]
+        assert answers.edit_distances(a, pats) == [_dp_levenshtein(a, p) for p in pats]
+
+
+def test_distance_matrix():
+    texts, pats = ["abc", "", "xyz"], ["abd", "", "x"]
+    assert answers.distance_matrix(texts, pats) == [[_dp_levenshtein(t, p) for p in pats]
+                                                    for t in texts]
+
+
+@pytest.mark.parametrize("pad", [0, 280, 299, 301, 2000])
+def test_long_completions_scan_the_tail_first_but_keep_the_rule(pad):
+    filler = ("x " * (pad // 2)).strip()
+    assert extract_answer(f"The answer is 5.\n{filler}\nno marker here") == "5"
+    assert extract_answer(f"#### 3\n{filler}\nThe answer is 4") == "4"
+    assert extract_answer(f"#### 3\n{filler}\n#### 4") == "4"
+    assert extract_answer(f"{filler}\nQ: hi\nA: 7") == "7"
+    assert extract_answer(f"{filler} so A: 7") is None  # "A:" only at a line start
+    assert extract_answer(f"#### 3\n{filler}\n#### ") == "3"  # empty last marker: earlier one
+    assert extract_answer(f"\\\\boxed{{\\\\frac{{1}}{{2}}}} {filler}") == "\\\\frac{1}{2}"

@@ -118,7 +118,7 @@ def test_rft_dedup_keeps_the_most_different_path():
     got = {k["sample"] for k in kept}
     assert 1 in got and len(got) == 2  # one per equation sequence: (2+2=4) and ()
     from tpt_jax.answers import edit_distance
-    winner = 0 if edit_distance(a, b) >= edit_distance(a2, b) else 2
+    winner = 0 if edit_distance(a.split(), b.split()) >= edit_distance(a2.split(), b.split()) else 2
     assert got == {1, winner}
     assert stats["counts"]["dropped"] == {"duplicate equations": 2}
     # rft = calculator + dedup-equations

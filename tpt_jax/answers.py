@@ -14,7 +14,7 @@ import math
 import operator
 import re
 import threading
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -111,6 +111,9 @@ def _markers(text: str) -> list[tuple[int, str, int, int]]:
     return out
 
 
+_TAIL = 300  # characters scanned first: the last marker is almost always near the end
+
+
 def extract_answer(text: str, fallback: bool = False) -> Optional[str]:
     """The final answer in a completion, cleaned (see `clean_answer`), or None.
 
@@ -119,7 +122,27 @@ def extract_answer(text: str, fallback: bool = False) -> Optional[str]:
     pruning: a trace without an explicit answer is not evidence of a correct solution)."""
     if not text:
         return None
-    for _, kind, a, b in reversed(_markers(text)):
+    # Scan the tail (from a line start) first; any marker there is later than all before it.
+    cut = text.rfind("\n", 0, len(text) - _TAIL) + 1 if len(text) > _TAIL else 0
+    if cut:
+        got = _answer_from(text, _markers(text[cut:]), cut)
+        if got:
+            return got
+    got = _answer_from(text, [m for m in _markers(text) if m[0] < cut] if cut else
+                       _markers(text), 0)
+    if got:
+        return got
+    if fallback:
+        nums = _LAST_NUMBER_RE.findall(text)
+        if nums:
+            return clean_answer(nums[-1])
+    return None
+
+
+def _answer_from(text: str, markers: list, shift: int) -> Optional[str]:
+    """The cleaned answer of the last marker that has one (offsets shifted by `shift`)."""
+    for _, kind, a, b in reversed(markers):
+        a, b = a + shift, b + shift
         if kind == "hash":
             raw = text[a:b]
         elif kind == "answer_is":
@@ -137,10 +160,6 @@ def extract_answer(text: str, fallback: bool = False) -> Optional[str]:
         got = clean_answer(raw) if raw is not None else None
         if got:
             return got
-    if fallback:
-        nums = _LAST_NUMBER_RE.findall(text)
-        if nums:
-            return clean_answer(nums[-1])
     return None
 
 
@@ -395,32 +414,53 @@ def text_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance, bit-parallel (Myers/Hyyrö) on Python ints: O(len(a)) big-int steps,
-    fast enough to compare 1,000-character traces in RFT dedup."""
+def edit_distances(a: Sequence[Hashable], patterns: Sequence[Sequence[Hashable]]) -> list[int]:
+    """Levenshtein distance from `a` (a string or token list) to each of `patterns`, in one pass.
+
+    Bit-parallel (Myers 1999, Hyyro's formulation) on Python ints, with every pattern in its own
+    lane of one big integer (a zero guard bit between lanes stops carries), so comparing one
+    trace with all the others costs about as much as comparing it with one. The distance comes
+    from the last column's vertical deltas: D(m, n) = n + #(+1 deltas) - #(-1 deltas)."""
+    return distance_matrix([a], patterns)[0]
+
+
+def distance_matrix(texts: Sequence[Sequence[Hashable]], patterns: Sequence[Sequence[Hashable]]
+                    ) -> list[list[int]]:
+    """`edit_distances` for several texts against the same patterns (lanes built once)."""
+    peq: dict = {}
+    lanes, low, valid, offset = [], 0, 0, 0
+    for p in patterns:
+        m = len(p)
+        lanes.append((offset, (1 << m) - 1))
+        if not m:
+            continue
+        for i, ch in enumerate(p):
+            peq[ch] = peq.get(ch, 0) | (1 << (offset + i))
+        low |= 1 << offset
+        valid |= ((1 << m) - 1) << offset
+        offset += m + 1
+    get = peq.get
+    out = []
+    for a in texts:
+        pv, mv = valid, 0
+        for ch in a:  # every value below stays inside `valid`, so valid ^ x is "not x"
+            eq = get(ch, 0)
+            xv = eq | mv
+            xh = ((((eq & pv) + pv) & valid) ^ pv) | eq
+            ph = mv | (valid ^ (xh | pv))
+            mh = pv & xh
+            ph = ((ph << 1) & valid) | low
+            mh = (mh << 1) & valid
+            pv = mh | (valid ^ (xv | ph))
+            mv = ph & xv
+        n = len(a)
+        out.append([n + ((pv >> off) & lane).bit_count() - ((mv >> off) & lane).bit_count()
+                    for off, lane in lanes])
+    return out
+
+
+def edit_distance(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    """Levenshtein distance between two strings or token lists (see `edit_distances`)."""
     if len(a) < len(b):
-        a, b = b, a
-    m = len(b)
-    if m == 0:
-        return len(a)
-    peq: dict[str, int] = {}
-    for i, ch in enumerate(b):
-        peq[ch] = peq.get(ch, 0) | (1 << i)
-    mask = (1 << m) - 1
-    high = 1 << (m - 1)
-    pv, mv, score = mask, 0, m
-    for ch in a:
-        eq = peq.get(ch, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | ~(xh | pv)
-        mh = pv & xh
-        if ph & high:
-            score += 1
-        elif mh & high:
-            score -= 1
-        ph = ((ph << 1) | 1) & mask
-        mh = (mh << 1) & mask
-        pv = (mh | ~(xv | ph)) & mask
-        mv = ph & xv
-    return score
+        a, b = b, a  # fewer bits per step
+    return edit_distances(a, [b])[0]

@@ -255,20 +255,21 @@ def _select(questions: dict, plan: Plan, dropped: Counter) -> list:
 
 def dedup_equations(items: list, text=lambda x: x) -> list:
     """RFT distinct reasoning paths: one item per equation sequence. Where several items share
-    a sequence, the one with the largest summed edit distance to the other sequences'
-    representatives survives (the most different path); with no other sequence, the first.
-    Keys keep their first-appearance order."""
+    a sequence, the one with the largest summed edit distance (over words: 5x fewer steps than
+    characters) to the other sequences' representatives survives, i.e. the most different
+    path; with no other sequence, the first. Keys keep their first-appearance order."""
     groups: dict[tuple, list] = {}
     for item in items:
         groups.setdefault(answers.equations_key(text(item)), []).append(item)
-    chosen = {key: members[0] for key, members in groups.items()}
+    chosen = {key: 0 for key in groups}  # index of each key's representative
+    words = {key: [text(m).split() for m in members] for key, members in groups.items()}
     for key, members in groups.items():
         if len(members) < 2 or len(groups) < 2:
             continue
-        others = [text(v) for k, v in chosen.items() if k != key]
-        scores = [sum(answers.edit_distance(text(m), o) for o in others) for m in members]
-        chosen[key] = members[scores.index(max(scores))]  # ties: the earliest
-    return list(chosen.values())
+        others = [words[k][i] for k, i in chosen.items() if k != key]
+        scores = [sum(row) for row in answers.distance_matrix(words[key], others)]
+        chosen[key] = scores.index(max(scores))  # ties: the earliest
+    return [groups[key][i] for key, i in chosen.items()]
 
 
 def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_kept,
@@ -415,10 +416,21 @@ def add_cli(parser) -> None:
 # ----------------------------------------------------------------------------- benchmark
 
 
+_FILLER = ["Let me read the question carefully and work it out step by step.",
+           "First I need to find out how many apples Tom gets in each round.",
+           "The question asks for the total number of apples at the end.",
+           "I will add the two amounts first and then multiply by the rounds.",
+           "It helps to write every intermediate result down before going on.",
+           "Each round is the same, so multiplication is the right operation.",
+           "Now I can combine these numbers to reach the final result.",
+           "Checking the arithmetic once more before giving the answer."]
+
+
 def write_synthetic(directory: str, records: int, per_question: int = 16, seed: int = 0
                     ) -> tuple[str, str]:
-    """GSM8K-shaped dataset + samples: calculator annotations, a mix of `####`, 'The answer
-    is' and \\boxed answers, wrong answers, missing answers and unfinished samples."""
+    """GSM8K-shaped dataset + samples (~400 characters): calculator annotations, three
+    reasoning paths, a mix of `####`, 'The answer is' and \\boxed answers, 50% wrong answers,
+    3% right answers over a wrong step, 5% without an answer, 2% unfinished."""
     rng = random.Random(seed)
     nq = max(1, math.ceil(records / per_question))
     ds_path, s_path = os.path.join(directory, "dataset.jsonl"), os.path.join(directory, "s.jsonl")
@@ -438,13 +450,22 @@ def write_synthetic(directory: str, records: int, per_question: int = 16, seed: 
             a, b, c, ans = golds[i]
             u = rng.random()
             shown = ans if u < 0.5 else ans + rng.randint(1, 9)
-            body = (f"Tom starts with {a} apples and buys {b}, so {a}+{b}=<<{a}+{b}={a + b}>>"
-                    f"{a + b}. Sample {s} thinks: repeated {c} times gives "
-                    f"{a + b}*{c}=<<{a + b}*{c}={shown}>>{shown} apples in total.\n")
+            slip = a + b + (1 if u < 0.03 else 0)  # a wrong step under a right answer: 3%
+            path = s % 3  # three reasoning paths, so RFT dedup has collisions to resolve
+            if path == 0:
+                body = (f"Tom starts with {a} apples and buys {b}, so {a}+{b}=<<{a}+{b}={slip}>>"
+                        f"{a + b}. Repeated {c} times: {a + b}*{c}=<<{a + b}*{c}={shown}>>{shown}.")
+            elif path == 1:
+                body = (f"Each round gives {a}*{c}=<<{a}*{c}={a * c}>>{a * c} and {b}*{c}="
+                        f"<<{b}*{c}={b * c}>>{b * c}, total <<{a * c}+{b * c}={shown}>>{shown}.")
+            else:
+                body = (f"Sample {s}: first {b}+{a}=<<{b}+{a}={slip}>>{a + b} apples per round, "
+                        f"then {c}*{a + b}=<<{c}*{a + b}={shown}>>{shown} after {c} rounds.")
+            body = " ".join(rng.sample(_FILLER, 3)) + "\n" + body  # ~400 characters in all
             ending = ("#### {:,}", "The answer is ${}.", "So \\boxed{{{}}}.")[r % 3].format(shown)
             f.write(json.dumps({"id": f"q{i}", "sample": s, "source": "synthetic",
                                 "prompt": f"Question {i}: solve step by step.",
-                                "completion": body + (ending if u < 0.95 else "Done."),
+                                "completion": body + "\n" + (ending if u < 0.95 else "Done."),
                                 "finish": "length" if u > 0.98 else "stop",
                                 "tokens": 60 + s}) + "\n")
     return ds_path, s_path
