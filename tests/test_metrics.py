@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tpt_jax.metrics import diversity_at_k, maj_at_k, mean_pass_at_k, pass_at_k, summarize
+from tpt_jax.metrics import default_ks, diversity_at_k, maj_at_k, mean_pass_at_k, pass_at_k, summarize
 
 
 def _brute_pass_at_k(n, c, k):
@@ -68,3 +68,9 @@ def test_summarize():
     assert out["diversity@k"]["4"] == 2
     assert out["maj@k"]["2"] == pytest.approx((0.5 + 1) / 2 / 2)  # q1: [tie, right]; q2: 0
     assert out["accuracy"] == pytest.approx(3 / 6) and out["coverage"] == 0.5
+
+
+def test_default_ks():
+    assert default_ks(16) == [1, 2, 4, 8, 16]
+    assert default_ks(20) == [1, 2, 4, 8, 16, 20]
+    assert default_ks(0) == []

@@ -31,6 +31,17 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> tuple[Optional[
     return (sum(vals) / len(vals) if vals else None), len(vals)
 
 
+def default_ks(max_n: int) -> list[int]:
+    """1, 2, 4, ... up to the largest number of samples per question, and that number."""
+    ks, k = [], 1
+    while k <= max_n:
+        ks.append(k)
+        k *= 2
+    if max_n and ks[-1] != max_n:
+        ks.append(max_n)
+    return ks
+
+
 def _groups(items: Sequence, k: int) -> list[Sequence]:
     return [items[i:i + k] for i in range(0, len(items) - k + 1, k)]
 
@@ -97,6 +108,7 @@ def summarize(per_question: Mapping[str, Sequence[tuple[Optional[Hashable], bool
         out["maj@k"][key] = _mean(maj_at_k(v, k) for v in votes)[0]
         out["diversity@k"][key] = _mean(diversity_at_k(s, k) for s in sols)[0]
     n = sum(c[0] for c in counts)
+    out["coverage@k"] = out["pass@k"]  # the compute-optimal paper's name for the same number
     out["accuracy"] = sum(c[1] for c in counts) / n if n else None
     out["coverage"] = (sum(1 for c in counts if c[1]) / len(counts)) if counts else None
     return out

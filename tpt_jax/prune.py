@@ -77,16 +77,6 @@ def _norm_id(v) -> Optional[str]:
     return None
 
 
-def _auto_ks(max_n: int) -> list[int]:
-    ks, k = [], 1
-    while k <= max_n:
-        ks.append(k)
-        k *= 2
-    if max_n and ks[-1] != max_n:
-        ks.append(max_n)
-    return ks
-
-
 def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[str, dict, str]],
                  cfg: PruneConfig, skips: Optional[Skips] = None) -> tuple[list[dict], dict]:
     """Core of Prune. `dataset`: (where, record); `samples`: (where, record, default source),
@@ -211,7 +201,8 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
     examples = []
     for qid, q, c in kept:
         per_src[sources[c[1]]]["kept"] += 1
-        ex = {"id": qid, "sample": c[0], "source": sources[c[1]], "prompt": c[6] or q.prompt,
+        ex = {"id": qid, "sample": c[0], "source": sources[c[1]],
+              "prompt": q.prompt if c[6] is None else c[6],
               "completion": c[3], "extracted": c[4], "correct": True}
         if c[5] is not None:
             ex["tokens"] = c[5]
@@ -276,7 +267,7 @@ def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_
            n_kept_q) -> dict:
     usable = [q for q in questions.values() if q.gold is not None]
     max_n = max((len(q.votes) for q in usable), default=0)
-    ks = list(cfg.metrics_k) if cfg.metrics_k else _auto_ks(max_n)
+    ks = list(cfg.metrics_k) if cfg.metrics_k else metrics.default_ks(max_n)
 
     def layout(q, rank=None):
         votes = sorted(v for v in q.votes if rank is None or v[1] == rank)
@@ -358,6 +349,7 @@ def prune_files(dataset_path: str, sample_paths: list[str], cfg: PruneConfig,
 
 
 def summary_line(stats: dict) -> str:
+    """One log line: kept, dropped by reason, bad input by reason."""
     c = stats["counts"]
     drops = ", ".join(f"{v} {k}" for k, v in c["dropped"].items()) or "none"
     bad = "; bad input: " + ", ".join(f"{v['count']} {k}" for k, v in stats["bad_input"].items()) \
@@ -403,9 +395,8 @@ def add_cli(parser) -> None:
                         help=f"random subset of at most N examples (default {d.max_examples}; "
                              "0 = no cap)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--min-chars", type=int)
-    parser.add_argument("--max-chars", type=int)
-    parser.add_argument("--max-tokens", type=int)
+    for name in ("--min-chars", "--max-chars", "--max-tokens"):
+        parser.add_argument(name, type=int, help="length limit on the completion")
     parser.add_argument("--answer-fallback", action="store_true",
                         help="accept the last number when no answer marker is found")
     parser.add_argument("--k", type=int, nargs="+", help="k values for pass@k, maj@k, "
