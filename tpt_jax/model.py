@@ -39,8 +39,9 @@ def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init=None) -
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of every layer, [layers, batch, length, kv_heads, head_dim], and the
-    position of each cached slot ([batch, length], -1 = empty or padding)."""
+    """Keys/values of every layer, [layers, batch, kv_heads, length, head_dim] (each
+    (row, head) block contiguous, so decode attention is a plain batched matmul with no
+    transpose), and the position of each cached slot ([batch, length], -1 = empty or padding)."""
 
     k: Array
     v: Array
@@ -48,15 +49,15 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_length", "head_dim")
 CACHE_POS_AXES = ("cache_batch", "cache_length")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    pos=jnp.full((batch, length), -1, jnp.int32))
 
@@ -116,30 +117,45 @@ class Attention(nn.Module):
         q = constrain(q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, dt),
                       ("act_batch", "act_length", "act_heads", None))
 
-        if kv is None:  # full forward: attend within the sequence
-            keys, values, key_pos, new_kv = k, v, positions, None
+        B, T = x.shape[:2]
+        G = N // K
+        qp = positions[:, :, None]
+        if kv is None:  # full forward: attend within the sequence, keys [B, S, K, H]
+            key_pos, new_kv = positions, None
         else:  # write this step's keys into the carried cache in place, attend over it
             k_all, v_all, key_pos = kv
-            at = (layer, 0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-            values = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+            at = (layer, 0, 0, cache_index, 0)
+            put = lambda c, x: jax.lax.dynamic_update_slice(
+                c, jnp.swapaxes(x, 1, 2)[None].astype(c.dtype), at)
+            k_all, v_all = put(k_all, k), put(v_all, v)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             new_kv = (k_all, v_all, key_pos)
-
-        B, T = x.shape[:2]
-        qg = q.reshape(B, T, K, N // K, H)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.attn_logit_softcap)
-        qp, kp = positions[:, :, None], key_pos[:, None, :]
-        mask = (kp >= 0) & (kp <= qp)
+        kp = key_pos[:, None, :]
+        mask = (kp >= 0) & (kp <= qp)  # [B, T, S]
         if self.sliding:
             mask &= qp - kp < cfg.sliding_window
         if segment_ids is not None and kv is None:
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N, H)
+        neg = jnp.finfo(jnp.float32).min
+
+        if kv is None:
+            qg = q.reshape(B, T, K, G, H)
+            logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask[:, None, None], softcap(logits, cfg.attn_logit_softcap), neg)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        else:  # cache [B, K, S, H]: the T*G queries of a kv head form one matrix (fast decode)
+            qg = jnp.swapaxes(q.reshape(B, T, K, G, H), 1, 2).reshape(B, K, T * G, H)
+            logits = jnp.einsum("BKQH,BKSH->BKQS", qg, k, preferred_element_type=jnp.float32)
+            mask = jnp.repeat(mask, G, axis=1) if G > 1 else mask  # query t*G + g
+            logits = jnp.where(mask[:, None], softcap(logits, cfg.attn_logit_softcap), neg)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+            out = jnp.einsum("BKQS,BKSH->BKQH", probs, v).reshape(B, K, T, G, H)
+            out = constrain(jnp.swapaxes(out, 1, 2).reshape(B, T, N, H),
+                            ("act_batch", "act_length", "act_heads", None))
+            # a plain 2-D matmul: as an NH-contracting einsum, XLA:CPU re-lays out wo every step
+            return (out.reshape(B, T, N * H) @ wo.reshape(N * H, D)), new_kv
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         return jnp.einsum("BTNH,NHD->BTD", out, wo), new_kv
 
