@@ -155,6 +155,8 @@ def _stop_hit(out: Array, step: Array, tok: Array, prog: _Program) -> Array:
         hit |= tok == e
     for seq in prog.stop_seqs:
         m = len(seq)
+        if m > out.shape[1]:  # longer than max_new: can never complete
+            continue
         if m == 1:
             hit |= tok == seq[0]
             continue
@@ -323,6 +325,15 @@ def _generate(model: M.Gemma2, sp: dict, cache: LayerCache, tokens: Array, posit
 # ----------------------------------------------------------------------------- Sampler
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(cfg, dtype, param_dtype):
+    """One jitted program per model shape, shared by every Sampler (new samplers for the
+    same model, e.g. one per round, reuse the compiled programs)."""
+    model = M.make_model(cfg, dtype, param_dtype)
+    return jax.jit(functools.partial(_generate, model), static_argnames=("prog",),
+                   donate_argnames=("cache",))
+
+
 class Sampler:
     """Batched sampling on one model, compiled once per prompt bucket and sampling setting.
 
@@ -347,8 +358,7 @@ class Sampler:
         self.cache_dtype = model.dtype
         self.params = unstack_layers(params, model, mesh, rules)  # the sampling layout
         self._cache: Optional[LayerCache] = None
-        self._fn = jax.jit(functools.partial(_generate, model), static_argnames=("prog",),
-                           donate_argnames=("cache",))
+        self._fn = _compiled(model.cfg, model.dtype, model.param_dtype)
 
     # -- placement
 

@@ -1,0 +1,141 @@
+"""Think: sample records, JSONL shards, resume after an interruption, stop strings, CLI."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tpt_jax import io as tio
+from tpt_jax import model as M
+from tpt_jax import think as T
+from tpt_jax.config import ThinkConfig, TptError, model_preset
+
+
+class ByteTokenizer:
+    """Characters as ids (byte + 3); Gemma's pad/eos/bos = 0/1/2. Enough for the sampler."""
+
+    vocab_size, pad_id, eos_id, bos_id = 256, 0, 1, 2
+
+    def encode(self, text, add_bos=False):
+        ids = [min(b, 252) + 3 for b in text.encode("ascii", "replace")]
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = M.make_model(model_preset("test-tiny"))
+    params = M.init_params(model, jax.random.key(1))
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+    questions = [{"id": f"q{i}", "question": f"What is {i} + {i * 3}?", "answer": str(4 * i)}
+                 for i in range(5)]
+    return model, params, questions
+
+
+CFG = ThinkConfig(n=2, temperature=1.0, max_new_tokens=6, max_prompt_tokens=64, batch_size=4,
+                  shard_size=2, seed=3)
+
+
+def test_records_and_shards(setup, tmp_path):
+    model, params, questions = setup
+    recs = T.think(params, model, ByteTokenizer(), questions, CFG, str(tmp_path), template="plain",
+                   source="tiny", progress=False)
+    assert [(r["id"], r["sample"]) for r in recs] == [(q["id"], j) for q in questions for j in range(2)]
+    for r in recs:
+        assert set(r) == {"id", "sample", "source", "prompt", "completion", "finish", "tokens"}
+        assert r["source"] == "tiny" and r["prompt"].startswith("Question: What is")
+        assert r["finish"] in ("stop", "length") and 1 <= r["tokens"] <= 6
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["samples-00000.jsonl", "samples-00001.jsonl", "samples-00002.jsonl", "think.json"]
+    assert T.read_samples(str(tmp_path)) == recs
+    # no files: same records (the evaluation path)
+    assert T.think(params, model, ByteTokenizer(), questions, CFG, None, template="plain",
+                   source="tiny", progress=False) == recs
+
+
+def test_resume_after_interruption(setup, tmp_path, monkeypatch):
+    """Killed after 2 of 3 shards: the rerun writes only the last shard, every (id, sample)
+    appears once, and the result equals an uninterrupted run."""
+    model, params, questions = setup
+    tok = ByteTokenizer()
+    full = T.think(params, model, tok, questions, CFG, None, template="plain", progress=False)
+    real_write, writes = tio.write_jsonl_atomic, []
+
+    def dying_write(path, recs):
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # killed while working on the third shard
+        writes.append(str(path))
+        return real_write(path, recs)
+
+    monkeypatch.setattr(tio, "write_jsonl_atomic", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        T.think(params, model, tok, questions, CFG, str(tmp_path), template="plain", progress=False)
+    assert sorted(p.name for p in tmp_path.glob("samples-*")) == ["samples-00000.jsonl",
+                                                                  "samples-00001.jsonl"]
+    writes.clear()
+    monkeypatch.setattr(tio, "write_jsonl_atomic", lambda p, r: (writes.append(str(p)), real_write(p, r))[1])
+    again = T.think(params, model, tok, questions, CFG, str(tmp_path), template="plain",
+                    progress=False)
+    assert [w.rsplit("/", 1)[-1] for w in writes] == ["samples-00002.jsonl"]
+    keys = [(r["id"], r["sample"]) for r in T.read_samples(str(tmp_path))]
+    assert len(keys) == len(set(keys)) == 10
+    assert again == full
+    # a different batch size changes nothing; a different seed is refused
+    import dataclasses
+    assert T.think(params, model, tok, questions, dataclasses.replace(CFG, batch_size=2),
+                   None, template="plain", progress=False) == full
+    with pytest.raises(TptError, match="seed"):
+        T.think(params, model, tok, questions, dataclasses.replace(CFG, seed=4), str(tmp_path),
+                template="plain", progress=False)
+
+
+def test_stop_strings_cut_on_host(setup):
+    """A stop string found in the decoded text ends the completion there (finish = stop)."""
+    model, params, questions = setup
+    tok = ByteTokenizer()
+    cfg = ThinkConfig(n=1, temperature=0.0, max_new_tokens=8, max_prompt_tokens=64, batch_size=2,
+                      shard_size=8)
+    plain = T.think(params, model, tok, questions[:2], cfg, None, template="plain", progress=False)
+    text = plain[0]["completion"]
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = T.think(params, model, tok, questions[:2], ThinkConfig(**{**cfg.__dict__, "stop": [stop]}),
+                  None, template="plain", progress=False)
+    assert cut[0]["completion"] == text[:text.index(stop)] and cut[0]["finish"] == "stop"
+    assert cut[0]["tokens"] <= plain[0]["tokens"]
+
+
+def test_duplicate_ids_rejected(setup):
+    model, params, questions = setup
+    with pytest.raises(TptError, match="twice"):
+        T.think(params, model, ByteTokenizer(), [questions[0], questions[0]], CFG, None,
+                template="plain", progress=False)
+
+
+def test_cli(tmp_path, capsys):
+    """tpt think on an HF checkpoint with the builtin tokenizer; then resumes as a no-op."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from tpt_jax.cli import main
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=8))
+    hf.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"x{i}", "question": f"Tom has {i} apples.",
+                                        "answer": str(i)}) + "\n" for i in range(3)))
+    args = ["think", "--dataset", str(data), "--checkpoint", str(tmp_path / "ckpt"),
+            "--tokenizer", "builtin", "--n", "2", "--max-new-tokens", "5", "--batch-size", "4",
+            "--shard-size", "2", "--template", "plain", "--out", str(tmp_path / "out"),
+            "--no-progress", "--mesh", "1,-1,1"]
+    assert main(args) == 0
+    recs = T.read_samples(str(tmp_path / "out"))
+    assert len(recs) == 6 and recs[0]["source"] == "ckpt"
+    assert main(args) == 0  # everything exists: reads the shards back
+    assert "6 samples for 3 questions" in capsys.readouterr().out
+    assert main(args + ["--seed", "9"]) == 2
+    assert "seed" in capsys.readouterr().err

@@ -1,0 +1,282 @@
+"""Think: n sampled reasoning traces per question, written as resumable JSONL shards.
+
+Questions are split into shards of `shard_size` (in dataset order); each shard's samples are
+written atomically to `samples-00000.jsonl`, `samples-00001.jsonl`, ... A rerun skips the shards
+that exist, so an interrupted run continues from the last complete shard and every
+(question, sample) appears exactly once. Because each sample's randomness comes from
+(seed, question id, sample index), the resumed run writes what an uninterrupted one would have.
+`think.json` in the same folder records the settings that decide the samples; resuming with
+different ones is an error rather than a silent mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from tpt_jax import io as tio
+from tpt_jax import prompts as P
+from tpt_jax.config import ConfigError, ThinkConfig, TptError
+from tpt_jax.sampler import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+SHARD_RE = re.compile(r"^samples-(\d{5})\.jsonl$")
+MANIFEST = "think.json"
+
+
+def shard_name(k: int) -> str:
+    return f"samples-{k:05d}.jsonl"
+
+
+def sampling_config(cfg: ThinkConfig) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                          max_new_tokens=cfg.max_new_tokens).validate()
+
+
+def stop_strings(cfg: ThinkConfig, template: str) -> list[str]:
+    """The template's stop strings plus the configured ones (order kept, no repeats)."""
+    out: list[str] = []
+    for s in P.stop_strings(template) + list(cfg.stop):
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def make_sampler(params: Any, model, tokenizer, cfg: ThinkConfig, mesh=None,
+                 stops: Sequence[str] = ()) -> Sampler:
+    """A sampler for `tokenizer`'s EOS/pad ids; each stop string also stops rows on device
+    (as its token sequence) so finished rows stop costing time. Reuse one sampler for several
+    calls to keep its compiled programs."""
+    if cfg.max_prompt_tokens < 1:
+        raise ConfigError(f"think.max_prompt_tokens must be >= 1, got {cfg.max_prompt_tokens}")
+    stop_tokens = [tokenizer.encode(s) for s in stops]
+    return Sampler(model, params, mesh, rows=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                   stop_tokens=[t for t in stop_tokens if t])
+
+
+def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequence[str],
+             sampling: SamplingConfig, n: int, seed: int, stops: Sequence[str],
+             progress=None) -> list[list[dict]]:
+    """Sample n completions per prompt text -> [prompt][sample] dicts with completion (text cut
+    at the first stop string), finish ("stop" | "length") and tokens (tokens drawn)."""
+    encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
+    gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress)
+    out = []
+    for per_prompt in gens:
+        row = []
+        for g in per_prompt:
+            text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
+            row.append({"completion": text, "finish": "stop" if (cut or g.finish == "stop")
+                        else "length", "tokens": g.num_tokens})
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- resumable run
+
+
+def _manifest(cfg: ThinkConfig, questions: Sequence[dict], template: str, source: str,
+              stops: Sequence[str]) -> dict:
+    """What decides the samples (batch_size does not: samples are independent of batching)."""
+    ids = hashlib.sha256("\x00".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
+    keep = ("n", "temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_tokens",
+            "shard_size", "seed")
+    return {**{k: getattr(cfg, k) for k in keep}, "stop": list(stops), "template": template,
+            "source": source, "questions": len(questions), "question_ids_sha": ids}
+
+
+def _check_manifest(out_dir: str, want: dict) -> None:
+    path = tio.path(out_dir) / MANIFEST
+    if path.exists():
+        have = tio.read_json(path)
+        diff = [k for k in want if have.get(k) != want[k]]
+        if diff:
+            k = diff[0]
+            raise TptError(f"{out_dir} holds samples made with {k}={have.get(k)!r}, but this run "
+                           f"has {k}={want[k]!r}; use another --out or delete the folder")
+    elif jax.process_index() == 0:
+        tio.write_json_atomic(path, want)
+
+
+def _done_shards(out_dir: str, count: int) -> list[bool]:
+    """Which shards exist, as process 0 sees them (broadcast, so every host agrees)."""
+    root = tio.path(out_dir)
+    done = np.array([(root / shard_name(k)).exists() for k in range(count)], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return [bool(d) for d in done]
+
+
+def read_samples(out_dir: str) -> list[dict]:
+    """Every sample record in a Think folder, shard by shard."""
+    root = tio.path(out_dir)
+    if not root.exists():
+        raise TptError(f"{out_dir}: no samples folder")
+    names = sorted(p.name for p in root.iterdir() if SHARD_RE.match(p.name))
+    return [rec for name in names for _, rec in tio.read_jsonl(root / name)]
+
+
+def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkConfig,
+          out_dir: Optional[str] = None, mesh=None, *, template: str = "zero-shot",
+          shots: Optional[Sequence[dict]] = None, source: str = "model", progress: bool = True,
+          sampler: Optional[Sampler] = None) -> list[dict]:
+    """Sample cfg.n traces for each question ({id, question, ...}) -> sample records
+    {id, sample, source, prompt, completion, finish, tokens}, in question then sample order.
+
+    With `out_dir`, records go to JSONL shards of cfg.shard_size questions and existing shards
+    are reused (resume). `sampler` may be passed to reuse compiled programs across calls; it
+    must have been made by `make_sampler` with the same stops."""
+    from tqdm.auto import tqdm
+
+    sampling = sampling_config(cfg)
+    if cfg.n < 1 or cfg.shard_size < 1:
+        raise ConfigError("think.n and think.shard_size must be >= 1")
+    seen = set()
+    for q in questions:
+        if q["id"] in seen:
+            raise TptError(f"question id {q['id']!r} appears twice; ids must be unique")
+        seen.add(q["id"])
+    stops = stop_strings(cfg, template)
+    texts = [P.format_prompt(template, q["question"], shots) for q in questions]
+    shards = [range(a, min(a + cfg.shard_size, len(questions)))
+              for a in range(0, len(questions), cfg.shard_size)]
+    done = [False] * len(shards)
+    if out_dir is not None:
+        _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops))
+        done = _done_shards(out_dir, len(shards))
+    if sampler is None and not all(done):
+        sampler = make_sampler(params, model, tokenizer, cfg, mesh, stops)
+
+    total = len(questions) * cfg.n
+    initial = sum(len(s) for s, d in zip(shards, done) if d) * cfg.n
+    bar = tqdm(total=total, initial=initial, unit="sample", desc="think", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    records: list[dict] = []
+    try:
+        for k, (shard, is_done) in enumerate(zip(shards, done)):
+            if is_done:
+                recs = [r for _, r in tio.read_jsonl(tio.path(out_dir) / shard_name(k))]
+                _check_shard(recs, [questions[i]["id"] for i in shard], cfg.n, out_dir, k)
+                records += recs
+                continue
+            outs = complete(sampler, tokenizer, [texts[i] for i in shard],
+                            [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
+                            stops, progress=bar.update)
+            recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
+                     **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
+            if out_dir is not None and jax.process_index() == 0:
+                tio.write_jsonl_atomic(tio.path(out_dir) / shard_name(k), recs)
+            records += recs
+    finally:
+        bar.close()
+    if out_dir is not None:
+        log.info("think: %d samples for %d questions in %s (%d shards, %d reused)", len(records),
+                 len(questions), out_dir, len(shards), sum(done))
+    return records
+
+
+def _check_shard(recs: list[dict], ids: list, n: int, out_dir: str, k: int) -> None:
+    want = {(i, j) for i in ids for j in range(n)}
+    have = [(r.get("id"), r.get("sample")) for r in recs]
+    if len(have) != len(want) or set(have) != want:
+        raise TptError(f"{out_dir}/{shard_name(k)} does not hold exactly samples 0..{n - 1} of "
+                       f"its {len(ids)} questions; delete it to regenerate")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli(parser) -> None:
+    d = ThinkConfig()
+    parser.add_argument("--dataset", required=True, help="JSONL with id, question (and answer)")
+    parser.add_argument("--checkpoint", help="HF Gemma2 checkpoint dir (config.json) or Orbax "
+                        "params dir (model.json); local or gs://")
+    parser.add_argument("--model", help="model preset with random weights (smoke tests) when "
+                        "no --checkpoint is given")
+    parser.add_argument("--tokenizer", default="builtin",
+                        help="sentencepiece .model, HF tokenizer dir, or 'builtin'")
+    parser.add_argument("--out", required=True, help="output folder for samples-NNNNN.jsonl")
+    parser.add_argument("--template", default="zero-shot", help="prompt template (prompts.py)")
+    parser.add_argument("--source", help="model name stored in each record (default: checkpoint)")
+    parser.add_argument("--n", type=int, default=d.n, help="samples per question")
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="rows (prompts x samples) per compiled batch")
+    parser.add_argument("--shard-size", type=int, default=d.shard_size, help="questions per shard")
+    parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cli)
+
+
+def _load_model(args, mesh):
+    from tpt_jax import model as M
+    from tpt_jax import weights
+    from tpt_jax.config import model_preset
+    from tpt_jax.sharding import SAMPLE_RULES
+    if args.checkpoint:
+        root = tio.path(args.checkpoint)
+        if (root / "config.json").exists():
+            cfg = weights.read_hf_config(weights._stage_local(args.checkpoint))
+            model = M.make_model(cfg, args.dtype, args.dtype)
+            return model, weights.load_hf(args.checkpoint, model, mesh, SAMPLE_RULES)
+        if (root / "model.json").exists():
+            model = M.make_model(weights.read_model_json(args.checkpoint), args.dtype, args.dtype)
+            return model, weights.load_params(args.checkpoint, model, mesh, SAMPLE_RULES)
+        raise TptError(f"{args.checkpoint}: neither an HF checkpoint (config.json) nor Orbax "
+                       f"params (model.json)")
+    if not args.model:
+        raise TptError("give --checkpoint (or --model PRESET for random weights)")
+    model = M.make_model(model_preset(args.model), args.dtype, args.dtype)
+    return model, M.init_params(model, jax.random.key(args.seed), mesh, SAMPLE_RULES)
+
+
+def _cli(args) -> int:
+    from tpt_jax.sampler import parse_mesh
+    from tpt_jax.sharding import make_mesh
+    from tpt_jax.tokenizer import check_vocab, load_tokenizer
+
+    cfg = ThinkConfig(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                      batch_size=args.batch_size, stop=list(args.stop),
+                      shard_size=args.shard_size, seed=args.seed)
+    for name in ("n", "max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    sampling_config(cfg)
+    P.parse_template(args.template)
+    skips = tio.Skips()
+    questions = [r for _, r in tio.read_jsonl(args.dataset, skips, required=("id", "question"))]
+    if skips.total():
+        log.warning("%s: skipped %s", args.dataset, skips.summary())
+    if args.limit is not None:
+        questions = questions[:args.limit]
+    if not questions:
+        raise TptError(f"{args.dataset}: no questions")
+    mesh = make_mesh(parse_mesh(args.mesh))
+    tokenizer = load_tokenizer(args.tokenizer)
+    model, params = _load_model(args, mesh)
+    check_vocab(tokenizer, model.cfg.vocab_size)
+    source = args.source or (args.checkpoint.rstrip("/").split("/")[-1] if args.checkpoint
+                             else args.model)
+    recs = think(params, model, tokenizer, questions, cfg, args.out, mesh,
+                 template=args.template, source=source, progress=not args.no_progress)
+    stopped = sum(r["finish"] == "stop" for r in recs)
+    print(f"think: {len(recs)} samples for {len(questions)} questions in {args.out} "
+          f"({stopped} stopped, {len(recs) - stopped} hit max_new_tokens)")
+    return 0
