@@ -180,9 +180,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     save_every: int = 0  # 0 = only at the end
     remat: str = "none"  # none | full | dots
-    pack: bool = False
-    loss_chunk: int = 8192
+    pack: bool = False  # rows hold several examples (batch_size then counts rows)
+    loss_chunk: int = 8192  # vocabulary rows per cross-entropy chunk
     seed: int = 0
+    no_decay: list = dataclasses.field(default_factory=lambda: ["norm"])  # path substrings
+    length_bucket: int = 128  # unpacked rows pad to a multiple of this (fewer compiled shapes)
+    log_every: int = 10
+    async_checkpoint: bool = True
+    use_best: bool = True  # return the params with the lowest eval loss (when evaluated)
 
 
 @dataclasses.dataclass
@@ -399,6 +404,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1, train.max_length >= 2")
     if tr.remat not in ("none", "full", "dots"):
         raise ConfigError(f"train.remat must be none, full or dots, got {tr.remat!r}")
+    validate_train(tr, cfg.mesh)
     validate_prune(cfg.prune)
     if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.n must be >= 0 and eval.k a list of positive integers")
@@ -424,6 +430,31 @@ def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:
             isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in p.metrics_k):
         raise ConfigError(f"{where}.metrics_k must be a list of positive integers, got {p.metrics_k}")
     return p
+
+
+def validate_train(tr: TrainConfig, mesh: Optional[MeshConfig] = None) -> None:
+    """Train fields; with a mesh whose sizes are all known, the batch split too (a mesh with
+    a -1 axis is checked again when the devices are known)."""
+    if tr.epochs <= 0:
+        raise ConfigError(f"train.epochs must be > 0, got {tr.epochs}")
+    if tr.weight_decay < 0 or (tr.clip_norm is not None and tr.clip_norm <= 0):
+        raise ConfigError("train.weight_decay must be >= 0 and train.clip_norm > 0 or null")
+    for name in ("loss_chunk", "length_bucket", "log_every"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(tr, name)}")
+    if tr.keep_checkpoints < 1 or tr.eval_every < 0 or tr.save_every < 0:
+        raise ConfigError("train.keep_checkpoints must be >= 1, train.eval_every and "
+                          "train.save_every >= 0")
+    if not 0 <= tr.eval_fraction < 1:
+        raise ConfigError(f"train.eval_fraction must be in [0, 1), got {tr.eval_fraction}")
+    if tr.batch_size % tr.grad_accum:
+        raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by "
+                          f"train.grad_accum ({tr.grad_accum})")
+    if mesh is not None and -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
+        micro, dp = tr.batch_size // tr.grad_accum, mesh.data * mesh.fsdp
+        if micro % dp:
+            raise ConfigError(f"train micro-batch (batch_size / grad_accum = {micro}) must be "
+                              f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
 
 
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
