@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from tpt_jax.config import TptError
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen in MULTI_HOST:
             distributed.initialize()  # before any other JAX use; a no-op on one process
         distributed.setup_logging(force=True)  # every line carries [pN], its process
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
         # `tpt --help` lists commands without importing their modules.
         parser = build_parser(only=chosen or "")
         args = parser.parse_args(argv)

@@ -108,6 +108,9 @@ class MeshConfig:
     tensor: int = 1
 
 
+DATA_SOURCES = ("synthetic", "gsm8k", "math", "jsonl", "tfds")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where questions come from. `source`: synthetic | gsm8k | math | jsonl | tfds."""
@@ -123,6 +126,11 @@ class DataConfig:
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
     seed: int = 0
+    # Round-0 worked solutions (JSONL question/answer); the synthetic source has its own.
+    seed_path: Optional[str] = None
+    seed_size: int = 200  # synthetic: how many seed worked solutions
+    synthetic_train: int = 2000  # synthetic: split sizes (limits still apply)
+    synthetic_test: int = 500
 
 
 @dataclasses.dataclass
@@ -222,6 +230,8 @@ class RunConfig:
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    # Per-round changes: {round: partial config}, e.g. {2: {think: {n: 8}}}.
+    per_round: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -405,7 +415,27 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if tr.remat not in ("none", "full", "dots"):
         raise ConfigError(f"train.remat must be none, full or dots, got {tr.remat!r}")
     validate_train(tr, cfg.mesh)
+    d = cfg.data
+    if d.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
+    if d.source == "jsonl" and not (d.train_path or d.test_path):
+        raise ConfigError("data.source jsonl needs data.train_path and/or data.test_path")
+    if d.source == "tfds" and not d.tfds_name:
+        raise ConfigError("data.source tfds needs data.tfds_name")
+    for name in ("train_limit", "test_limit"):
+        if getattr(d, name) is not None and getattr(d, name) < 1:
+            raise ConfigError(f"data.{name} must be >= 1 or null, got {getattr(d, name)}")
+    for name in ("seed_size", "synthetic_train", "synthetic_test"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
+    from tpt_jax.prompts import parse_template  # late: prompts imports this module
+    parse_template(cfg.prompt)
     validate_prune(cfg.prune)
+    for key in cfg.per_round:
+        r = int(key) if isinstance(key, int) or str(key).isdigit() else -1
+        if not 0 <= r <= cfg.rounds:
+            raise ConfigError(f"per_round: key {key!r} is not a round number in 0..{cfg.rounds}")
+        round_config(cfg, r)  # raises on a bad key or value inside
     if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.n must be >= 0 and eval.k a list of positive integers")
     return cfg
@@ -455,6 +485,22 @@ def validate_train(tr: TrainConfig, mesh: Optional[MeshConfig] = None) -> None:
         if micro % dp:
             raise ConfigError(f"train micro-batch (batch_size / grad_accum = {micro}) must be "
                               f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
+
+
+def round_config(cfg: RunConfig, r: int) -> RunConfig:
+    """The config of round r: `per_round[r]` (a partial config) merged over the run's."""
+    extra = cfg.per_round.get(r) or cfg.per_round.get(str(r))
+    if not extra:
+        return cfg
+    data = dict(to_dict(cfg), per_round={})
+    return validate_run(from_dict(RunConfig, _merge(data, extra), f"per_round.{r}"))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:

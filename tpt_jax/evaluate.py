@@ -1,0 +1,105 @@
+"""Eval: greedy Pass@1 and sampled pass@k / maj@k on a held-out split.
+
+Generation goes through the same sampler as Think; grading uses the same answer checker as
+Prune (`answers`), so "correct" means one thing everywhere. pass@k uses the unbiased
+estimator over n samples per question (`metrics`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional, Sequence
+
+from tpt_jax import answers, metrics, think
+from tpt_jax.config import EvalConfig, ThinkConfig
+
+log = logging.getLogger(__name__)
+
+
+def grade(questions: Sequence[dict], samples: Sequence[dict]) -> dict[str, list]:
+    """Per question id, its samples in order as (answer key, correct, solution key if correct).
+    Unfinished samples and samples without an answer marker count as wrong."""
+    gold = {q["id"]: answers.parse_gold(q["answer"]) for q in questions}
+    per_q: dict[str, list] = {q["id"]: [] for q in questions}
+    for s in sorted(samples, key=lambda s: (s["id"], s["sample"])):
+        g = gold.get(s["id"])
+        pred = answers.extract_answer(s["completion"]) if s.get("finish", "stop") == "stop" else None
+        ok = g is not None and answers.is_correct(pred, g)
+        per_q[s["id"]].append((answers.answer_key(pred), ok,
+                               answers.text_key(s["completion"]) if ok else None))
+    return per_q
+
+
+def summarize(questions: Sequence[dict], greedy: Optional[Sequence[dict]],
+              sampled: Optional[Sequence[dict]], ks: Sequence[int]) -> dict:
+    """Metrics JSON for one evaluation; `pass@1` is greedy accuracy when greedy ran, else the
+    sampled pass@1 estimate."""
+    out: dict[str, Any] = {"questions": len(questions)}
+    unusable = sum(1 for q in questions if answers.parse_gold(q["answer"]) is None)
+    if unusable:
+        out["questions_without_gold"] = unusable
+    if greedy is not None:
+        per_q = grade(questions, greedy)
+        out["greedy"] = {qid: bool(v and v[0][1]) for qid, v in per_q.items()}
+        out["pass@1"] = sum(out["greedy"].values()) / max(len(questions), 1)
+    if sampled:
+        per_q = grade(questions, sampled)
+        n = min((len(v) for v in per_q.values()), default=0)
+        usable = [k for k in ks if k <= n]
+        s = metrics.summarize(per_q, usable)
+        out.update({"n": n, "pass@k": s["pass@k"], "maj@k": s["maj@k"],
+                    "sample_accuracy": s["accuracy"], "coverage": s["coverage"]})
+        if "pass@1" not in out:
+            out["pass@1"] = s["pass@k"].get("1")
+    return out
+
+
+def evaluate(params: Any, model, tokenizer, questions: Sequence[dict], cfg: EvalConfig,
+             mesh=None, *, template: str, shots: Optional[Sequence[dict]] = None, seed: int = 0,
+             think_cfg: Optional[ThinkConfig] = None, out_dir: Optional[str] = None) -> dict:
+    """Greedy Pass@1 (if cfg.greedy) and pass@k from cfg.n samples at cfg.temperature.
+    With `out_dir`, samples are kept in out_dir/greedy and out_dir/sampled (resumable)."""
+    base = think_cfg or ThinkConfig()
+    common = dict(top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    greedy_cfg = dataclasses.replace(base, n=1, temperature=0.0, **common)
+    sampled_cfg = dataclasses.replace(base, n=max(cfg.n, 1), temperature=cfg.temperature, **common)
+    sampler = think.make_sampler(params, model, tokenizer, greedy_cfg, mesh,
+                                 think.stop_strings(greedy_cfg, template))
+    where = lambda name: None if out_dir is None else f"{out_dir}/{name}"
+    run = lambda c, name: think.think(params, model, tokenizer, questions, c, where(name), mesh,
+                                      template=template, shots=shots, source="eval",
+                                      sampler=sampler)
+    greedy = run(greedy_cfg, "greedy") if cfg.greedy else None
+    sampled = run(sampled_cfg, "sampled") if cfg.n > 0 else None
+    return summarize(questions, greedy, sampled, cfg.k)
+
+
+def add_cli(parser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="run config (path or configs/ name; default tiny_cpu): model, "
+                             "tokenizer, data, prompt and eval settings")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--params", required=True,
+                        help="weights: Orbax params dir (e.g. a run's rNN/params) or HF dir")
+    parser.add_argument("--out", default=None, help="write the metrics JSON here")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    import json
+
+    from tpt_jax import io, rounds, sharding, weights
+
+    cfg = rounds.config_from_args(args.config, args.overrides)
+    s = rounds.setup(cfg)
+    if (io.path(args.params) / "config.json").exists():
+        params = weights.load_hf(args.params, s.model, s.mesh, sharding.TRAIN_RULES)
+    else:
+        params = weights.load_params(args.params, s.model, s.mesh, sharding.TRAIN_RULES)
+    result = evaluate(params, s.model, s.tokenizer, s.eval_questions, cfg.eval, s.mesh,
+                      template=cfg.prompt, shots=s.shots, seed=cfg.seed, think_cfg=cfg.think)
+    result.pop("greedy", None)
+    if args.out:
+        io.write_json_atomic(args.out, result)
+    print(json.dumps(result, sort_keys=True))
+    return 0
