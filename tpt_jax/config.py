@@ -405,6 +405,11 @@ def validate_run(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"think.top_p must be in (0, 1], got {t.top_p}")
     if t.max_new_tokens < 1 or t.batch_size < 1 or t.shard_size < 1:
         raise ConfigError("think.max_new_tokens, think.batch_size and think.shard_size must be >= 1")
+    if t.top_k < 0 or t.max_prompt_tokens < 1:
+        raise ConfigError(f"think.top_k must be >= 0 (0 = off) and think.max_prompt_tokens >= 1, "
+                          f"got {t.top_k} and {t.max_prompt_tokens}")
+    if any(not isinstance(s, str) or not s for s in t.stop):
+        raise ConfigError(f"think.stop must be a list of non-empty strings, got {t.stop!r}")
     tr = cfg.train
     if tr.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, got {tr.learning_rate}")

@@ -338,9 +338,10 @@ class Sampler:
     """Batched sampling on one model, compiled once per prompt bucket and sampling setting.
 
     `rows` is the fixed row count of every compiled batch (prompts x samples per prompt);
-    prompts longer than the largest bucket keep their last tokens. With a mesh, params are
-    placed with the sampling layout (one `device_put`, a no-op if already there) and rows are
-    split over (data, fsdp), heads over tensor."""
+    prompts longer than the largest bucket keep their last tokens. The params (any layout,
+    e.g. the trainer's) are copied once into the sampling layout (`unstack_layers`: one array
+    per layer, `SAMPLE_RULES` shardings with a mesh), so rows are split over (data, fsdp) and
+    heads over tensor, and the decode loop never gathers or slices a weight."""
 
     def __init__(self, model: M.Gemma2, params: Any, mesh=None, *, rows: int = 32,
                  max_prompt_tokens: int = 512, buckets: Optional[Sequence[int]] = None,
@@ -398,8 +399,8 @@ class Sampler:
 
     def _launch(self, prompts: Sequence[Sequence[int]], bucket: int, items: list, prog: _Program,
                 seed: int):
-        """Dispatch one compiled batch (asynchronously). items: (id_hash, first sample,
-        count) per prompt slot, or None for a padding slot."""
+        """Dispatch one compiled batch (asynchronously). items: (id hash, first sample,
+        count) per prompt; slots past the last item are padding rows (never live)."""
         g = prog.group
         n_prompts = self.rows // g
         tokens = np.full((n_prompts, bucket), self.pad_id, np.int32)
@@ -547,21 +548,24 @@ def _bench(args) -> int:
     sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=args.new)
 
     def run(seed):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = sampler.generate(prompts, sampling, n=args.n, seed=seed)
-        return time.perf_counter() - t0, sum(len(s.tokens) for r in res for s in r)
+        n_tok = sum(len(s.tokens) for r in res for s in r)
+        return time.perf_counter() - t0, time.process_time() - c0, n_tok
 
-    first, _ = run(0)
-    times = []
+    first, _, _ = run(0)
+    times, cpu = [], []
     for r in range(args.repeats):
-        dt, n_tok = run(r + 1)
+        dt, dc, n_tok = run(r + 1)
         times.append(dt)
+        cpu.append(dc)
     best = min(times)
     print(json.dumps({
         "system": "tpt_jax", "shape": args.shape, "backend": jax.default_backend(),
         "devices": len(jax.devices()), "batch": args.batch, "n": args.n, "rows": rows,
         "prompt": args.prompt, "new": args.new, "generated_tokens": n_tok,
         "first_call_s": round(first, 3), "best_s": round(best, 3),
-        "median_s": round(float(np.median(times)), 3), "tokens_per_s": round(n_tok / best, 1),
+        "median_s": round(float(np.median(times)), 3), "cpu_s": round(min(cpu), 3),
+        "tokens_per_s": round(n_tok / best, 1),
         "compiles": TRACE_COUNT["generate"]}))
     return 0
