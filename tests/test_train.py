@@ -39,6 +39,10 @@ def test_encoding_trains_on_completion_and_eos_only():
     assert b["weights"][0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
     assert b["positions"][0].tolist() == list(range(8)) + [-1, -1]
     assert b["weights"][1].sum() == 0 and (b["positions"][1] == -1).all()
+    c = sft_data.build_batch([[0]], [enc], rows=2, length=10, loss_bucket=3)
+    assert c["loss_pos"].shape == (2, 6) and c["loss_pos"][0, :4].tolist() == [3, 4, 5, 6]
+    assert c["targets"][0, :4].tolist() == enc.tokens[4:].tolist()
+    assert c["weights"].tolist() == [[1, 1, 1, 1, 0, 0], [0] * 6]
 
 
 def test_truncation_is_counted_and_prompt_only_examples_dropped():
@@ -88,13 +92,13 @@ def test_chunked_cross_entropy_matches_plain(vocab, chunk):
     assert num_chunks(vocab, chunk) > 1
 
     def total(fn):
-        return lambda h, e: jnp.sum(fn(h, e) * w)
+        return jax.jit(lambda h, e: jnp.sum(fn(h, e) * w))
 
     chunked = total(lambda h, e: chunked_cross_entropy(h, e, targets, cfg, chunk))
     plain = total(lambda h, e: plain_cross_entropy(h, e, targets, cfg))
     np.testing.assert_allclose(chunked(hidden, emb), plain(hidden, emb), rtol=1e-6)
-    gc = jax.grad(chunked, argnums=(0, 1))(hidden, emb)
-    gp = jax.grad(plain, argnums=(0, 1))(hidden, emb)
+    gc = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, emb)
+    gp = jax.jit(jax.grad(plain, argnums=(0, 1)))(hidden, emb)
     for a, b in zip(gc, gp):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
     # and the reference is the textbook formula on the model's own logits
@@ -134,6 +138,10 @@ def test_prompt_targets_do_not_change_the_loss(tiny_setup):
     r, t = np.argwhere(batch["weights"] > 0)[0]
     changed["targets"][r, t] = (changed["targets"][r, t] + 7) % 256
     assert loss_of(stepper, params, changed) != base
+    # compacted targets (only trained positions reach the vocabulary projection): same loss
+    compact = sft_data.build_batch([[i] for i in range(8)], enc, 8, 32, loss_bucket=4)
+    assert compact["targets"].shape[1] < 32
+    np.testing.assert_allclose(loss_of(stepper, params, compact), base, rtol=1e-6)
 
 
 def test_packed_loss_equals_token_weighted_unpacked(tiny_setup):
@@ -142,7 +150,7 @@ def test_packed_loss_equals_token_weighted_unpacked(tiny_setup):
     assert len(rows) < 8
     packed = Stepper.get(model, TrainConfig(batch_size=8, max_length=32, pack=True), mesh)
     plain = Stepper.get(model, TrainConfig(batch_size=8, max_length=32), mesh)
-    lp = loss_of(packed, params, sft_data.build_batch(rows, enc, 8, 32))
+    lp = loss_of(packed, params, sft_data.build_batch(rows, enc, 8, 32, loss_bucket=8))
     lu = loss_of(plain, params, sft_data.build_batch([[i] for i in range(8)], enc, 8, 32))
     np.testing.assert_allclose(lp, lu, rtol=2e-6)
 
@@ -211,3 +219,30 @@ def test_sharded_training_matches_single_device(tmp_path):
         np.testing.assert_allclose(m["losses"], m_ref["losses"], rtol=2e-5, err_msg=name)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name)
+
+
+def test_tpt_train_cli_exports_and_reloads(tmp_path, capsys):
+    """`tpt train` end to end on 8 devices (random init, builtin tokenizer), then again from
+    the exported HF checkpoint."""
+    pytest.importorskip("tpt_jax.tokenizer")
+    import json
+
+    from tpt_jax import cli, io
+    data = tmp_path / "train.jsonl"
+    io.write_jsonl_atomic(data, make_examples(16))
+    common = ["--examples", str(data), "--tokenizer", "builtin", "model=test-tiny",
+              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "grad_accum=2", "batch_size=8",
+              "max_length=32", "learning_rate=3e-3", "warmup_ratio=0.25"]
+    assert cli.main(["train", "--out", str(tmp_path / "a"), *common]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["steps"] == 2 and first["examples"]["examples"] == 16
+    assert (tmp_path / "a" / "model" / "config.json").exists()
+    assert (tmp_path / "a" / "train_log.jsonl").exists()
+    args = ["train", "--out", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "a" / "model"),
+            "--no-export", *common]
+    assert cli.main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["steps"] == 2 and second["final_loss"] < first["final_loss"]
+    assert cli.main(["train", "--out", str(tmp_path / "c"), "--examples", str(data),
+                     "batch_size=7", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]) == 2
+    assert "data-parallel" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -190,6 +191,7 @@ class TrainConfig:
     remat: str = "none"  # none | full | dots
     pack: bool = False  # rows hold several examples (batch_size then counts rows)
     loss_chunk: int = 8192  # vocabulary rows per cross-entropy chunk
+    loss_bucket: int = 64  # project only trained positions, padded to a multiple (0 = all)
     seed: int = 0
     no_decay: list = dataclasses.field(default_factory=lambda: ["norm"])  # path substrings
     length_bucket: int = 128  # unpacked rows pad to a multiple of this (fewer compiled shapes)
@@ -241,6 +243,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`; convert the few lossless cases (int -> float)."""
     origin = typing.get_origin(tp)
@@ -276,6 +281,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-6 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
@@ -477,6 +484,8 @@ def validate_train(tr: TrainConfig, mesh: Optional[MeshConfig] = None) -> None:
     for name in ("loss_chunk", "length_bucket", "log_every"):
         if getattr(tr, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(tr, name)}")
+    if tr.loss_bucket < 0:
+        raise ConfigError(f"train.loss_bucket must be >= 0 (0 = off), got {tr.loss_bucket}")
     if tr.keep_checkpoints < 1 or tr.eval_every < 0 or tr.save_every < 0:
         raise ConfigError("train.keep_checkpoints must be >= 1, train.eval_every and "
                           "train.save_every >= 0")

@@ -6,6 +6,9 @@ longer than `max_length` are cut at the end and counted.
 
 A batch holds, per row, the model inputs (`tokens`, `positions`, `segments`) and the training
 targets (`targets[t]` = the token after t, `weights[t]` = 1 where that token is trained on).
+With `loss_bucket` > 0 the targets are compacted: `loss_pos[r, j]` is the position of row r's
+j-th trained target, and `targets`/`weights` are [rows, K] with K the largest count rounded up
+to the bucket, so the vocabulary projection skips prompt and padding positions.
 Without packing each row is one example; with packing, consecutive examples share a row, each
 its own attention segment with positions restarting at 0. Padding has position -1, segment 0
 and weight 0. The loss is the weight-averaged cross-entropy over the whole batch, so a packed
@@ -125,7 +128,7 @@ def num_epoch_orders(epochs: float) -> int:
 
 # ----------------------------------------------------------------------------- batches
 
-BATCH_KEYS = ("tokens", "positions", "segments", "targets", "weights")
+BATCH_KEYS = ("tokens", "positions", "segments", "targets", "weights", "loss_pos")
 
 
 def row_length(batch: Sequence[Sequence[int]], lengths: Sequence[int], pack: bool,
@@ -139,9 +142,9 @@ def row_length(batch: Sequence[Sequence[int]], lengths: Sequence[int], pack: boo
 
 
 def build_batch(batch: Sequence[Sequence[int]], examples: Sequence[Encoded], rows: int, length: int,
-                pad_id: int = 0) -> dict:
+                pad_id: int = 0, loss_bucket: int = 0) -> dict:
     """Numpy arrays [rows, length] for `batch` (a list of rows of example indices); rows past
-    len(batch) are padding (weight 0)."""
+    len(batch) are padding (weight 0). `loss_bucket` > 0 compacts the targets (see above)."""
     tokens = np.full((rows, length), pad_id, np.int32)
     positions = np.full((rows, length), -1, np.int32)
     segments = np.zeros((rows, length), np.int32)
@@ -160,8 +163,29 @@ def build_batch(batch: Sequence[Sequence[int]], examples: Sequence[Encoded], row
             targets[r, at:at + n - 1] = e.tokens[1:]
             weights[r, at:at + n - 1] = e.trained[1:]
             at += n
-    return {"tokens": tokens, "positions": positions, "segments": segments, "targets": targets,
-            "weights": weights}
+    out = {"tokens": tokens, "positions": positions, "segments": segments}
+    out.update(compact_targets(targets, weights, loss_bucket))
+    return out
+
+
+def compact_targets(targets: np.ndarray, weights: np.ndarray, bucket: int) -> dict:
+    """{targets, weights, loss_pos}: [rows, K] trained targets and their positions (K = the
+    largest per-row count rounded up to `bucket`); bucket 0: all positions, K = length."""
+    rows, length = targets.shape
+    if bucket <= 0:
+        pos = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+        return {"targets": targets, "weights": weights, "loss_pos": pos}
+    counts = (weights > 0).sum(axis=1)
+    k = min(length, max(1, math.ceil(int(counts.max(initial=0)) / bucket)) * bucket)
+    pos = np.zeros((rows, k), np.int32)
+    out_t = np.zeros((rows, k), np.int32)
+    out_w = np.zeros((rows, k), np.float32)
+    for r in range(rows):
+        idx = np.flatnonzero(weights[r] > 0)
+        pos[r, :len(idx)] = idx
+        out_t[r, :len(idx)] = targets[r, idx]
+        out_w[r, :len(idx)] = weights[r, idx]
+    return {"targets": out_t, "weights": out_w, "loss_pos": pos}
 
 
 def eval_plan(n: int, batch_size: int) -> list[list[list[int]]]:

@@ -131,8 +131,10 @@ class Stepper:
         opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, self.param_sh,
                                        transform_non_params=lambda _: repl)
         self.state_sh = {"params": self.param_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
-        keys = sft_data.BATCH_KEYS if cfg.pack else tuple(k for k in sft_data.BATCH_KEYS
-                                                          if k != "segments")
+        skip = set() if cfg.pack else {"segments"}
+        if not cfg.loss_bucket:
+            skip.add("loss_pos")
+        keys = tuple(k for k in sft_data.BATCH_KEYS if k not in skip)
         self.keys = keys
         self.batch_sh = {k: NamedSharding(mesh, P(None, BATCH, None)) for k in keys}
         self.eval_sh = {k: NamedSharding(mesh, P(BATCH, None)) for k in keys}
@@ -166,6 +168,8 @@ class Stepper:
     def _loss_sums(self, params, mb):
         hidden, _ = self.model.apply({"params": params}, mb["tokens"], mb["positions"],
                                      mb.get("segments"), return_hidden=True)
+        if "loss_pos" in mb:  # only the trained positions reach the vocabulary projection
+            hidden = jnp.take_along_axis(hidden, mb["loss_pos"][..., None], axis=1)
         ce = chunked_cross_entropy(hidden, params["embedding"], mb["targets"], self.model.cfg,
                                    self.cfg.loss_chunk)
         w = mb["weights"]
@@ -174,8 +178,8 @@ class Stepper:
     @classmethod
     def get(cls, model: Gemma2, cfg: TrainConfig, mesh: Mesh) -> "Stepper":
         key = (model.cfg, str(model.dtype), str(model.param_dtype), cfg.remat, mesh,
-               cfg.grad_accum, cfg.loss_chunk, cfg.pack, cfg.clip_norm, cfg.weight_decay,
-               tuple(cfg.no_decay))
+               cfg.grad_accum, cfg.loss_chunk, cfg.pack, cfg.loss_bucket > 0, cfg.clip_norm,
+               cfg.weight_decay, tuple(cfg.no_decay))
         if key not in _STEPPERS:
             _STEPPERS[key] = cls(model, cfg, mesh)
         return _STEPPERS[key]
@@ -311,11 +315,11 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
         state = stepper.init_state(params, cfg.seed, copy=not donate)
     del params
 
-    eval_batches = [sft_data.build_batch(b, eval_enc, micro,
-                                         sft_data.row_length(b, sft_data.lengths_of(eval_enc),
-                                                             False, cfg.max_length,
-                                                             cfg.length_bucket), 0)
-                    for b in sft_data.eval_plan(len(eval_enc), micro)]
+    eval_lengths = sft_data.lengths_of(eval_enc)
+    eval_batches = [
+        sft_data.build_batch(b, eval_enc, micro, sft_data.row_length(
+            b, eval_lengths, False, cfg.max_length, cfg.length_bucket), 0, cfg.loss_bucket)
+        for b in sft_data.eval_plan(len(eval_enc), micro)]
 
     def run_eval(step):
         sums = [stepper.eval_sums(state["params"], b) for b in eval_batches]
@@ -341,7 +345,8 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
         batch_rows = plan[step - 1]
         length = sft_data.row_length(batch_rows, lengths, cfg.pack, cfg.max_length,
                                      cfg.length_bucket)
-        batch = sft_data.build_batch(batch_rows, train_enc, cfg.batch_size, length, 0)
+        batch = sft_data.build_batch(batch_rows, train_enc, cfg.batch_size, length, 0,
+                                     cfg.loss_bucket)
         tokens_seen += int(batch["weights"].sum())
         state, metrics = stepper.train_step(state, batch, sched)
         pending.append((step, metrics))
