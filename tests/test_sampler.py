@@ -149,12 +149,18 @@ def test_greedy_is_argmax():
 # ----------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 1, 4)])
-def test_sharded_greedy_equals_single_device(tiny, shape):
+@pytest.fixture(scope="module")
+def single_device_greedy(tiny):
     model, params = tiny
     prompts = prompts_of([3, 7, 12, 16, 9], model.cfg.vocab_size, seed=2)
     single = S.Sampler(model, params, rows=8, buckets=(16,), eos_id=None)
-    want = [[g.tokens for g in r] for r in single.generate(prompts, GREEDY, n=1)]
+    return prompts, [[g.tokens for g in r] for r in single.generate(prompts, GREEDY, n=1)]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 1, 4)])
+def test_sharded_greedy_equals_single_device(tiny, single_device_greedy, shape):
+    model, params = tiny
+    prompts, want = single_device_greedy
     mesh = make_mesh(MeshConfig(*shape))
     sharded = S.Sampler(model, params, mesh, rows=8, buckets=(16,), eos_id=None)
     assert len(sharded.params["blocks"][0]["attn"]["q"].sharding.device_set) == 8
@@ -198,10 +204,10 @@ def test_compilations_bounded(tiny):
 
 def test_long_prompt_keeps_last_tokens(tiny):
     model, params = tiny
-    sampler = S.Sampler(model, params, rows=2, buckets=(8,), eos_id=None)
-    long, = prompts_of([20], model.cfg.vocab_size)
+    sampler = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
+    long, = prompts_of([30], model.cfg.vocab_size)
     a = sampler.generate([long], GREEDY)[0][0].tokens
-    b = sampler.generate([long[-8:]], GREEDY)[0][0].tokens
+    b = sampler.generate([long[-16:]], GREEDY)[0][0].tokens
     assert a == b
 
 
@@ -209,28 +215,29 @@ def test_long_prompt_keeps_last_tokens(tiny):
 
 
 def test_stops_at_eos_and_stop_sequences(tiny):
+    """EOS ends a row before the EOS token (counted as drawn, not returned); a stop token
+    sequence ends it after the sequence (kept: the host cuts stop strings)."""
     model, params = tiny
     prompts = prompts_of([6, 12], model.cfg.vocab_size, seed=3)
     free = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
     ref = [r[0].tokens for r in free.generate(prompts, GREEDY)]
     assert all(len(t) == GREEDY.max_new_tokens for t in ref)
+    eos, seq = ref[0][4], ref[1][6:8]
+    stopping = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=eos, stop_tokens=[seq])
+    res = [r[0] for r in stopping.generate(prompts, GREEDY)]
 
-    eos = ref[0][4]  # stop row 0 at its 5th token; row 1 stops wherever it first draws it
-    with_eos = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=eos)
-    res = [r[0] for r in with_eos.generate(prompts, GREEDY)]
-    first = ref[0].index(eos)
-    assert res[0].tokens == ref[0][:first] and res[0].finish == "stop"
-    assert res[0].num_tokens == first + 1  # EOS counted as drawn, not returned
-    if eos in ref[1]:
-        assert res[1].tokens == ref[1][:ref[1].index(eos)]
-    else:
-        assert res[1].tokens == ref[1] and res[1].finish == "length"
+    def expected(toks):  # (returned tokens, tokens drawn) at the first EOS or stop sequence
+        for i, t in enumerate(toks):
+            if t == eos:
+                return toks[:i], i + 1
+            if i >= 1 and toks[i - 1:i + 1] == seq:
+                return toks[:i + 1], i + 1
+        raise AssertionError("no stop in the reference")
 
-    seq = ref[1][6:8]  # a two-token stop sequence: kept in the output, generation ends there
-    with_seq = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None, stop_tokens=[seq])
-    res = with_seq.generate(prompts, GREEDY)[1][0]
-    ends = [i + 2 for i in range(len(ref[1]) - 1) if ref[1][i:i + 2] == seq]
-    assert res.tokens == ref[1][:ends[0]] and res.finish == "stop"
+    for toks, r in zip(ref, res):
+        want, drawn = expected(toks)
+        assert (r.tokens, r.num_tokens, r.finish) == (want, drawn, "stop")
+    assert res[0].tokens == ref[0][:ref[0].index(eos)]
 
 
 def test_bucket_helpers():
