@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from tpt_jax import io, report
+from tpt_jax import distributed, io, report
 from tpt_jax.config import RunConfig, load_run_config, model_preset, round_config
 from tpt_jax.rundir import RunDir
 
@@ -82,6 +82,8 @@ def _stage(rd: RunDir, name: str, compute: Callable[[], Any], wall: dict) -> Non
     t0 = time.perf_counter()
     compute()
     wall[short] = round(time.perf_counter() - t0, 2)
+    # Process 0 wrote the stage's files; the others read them only after this point.
+    distributed.barrier(f"tpt-stage-{name}")
     rd.mark(name, wall_s=wall[short])
 
 
@@ -137,8 +139,9 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                 def do_prune():
                     samples = think.read_samples(samples_dir)
                     kept, stats = prune.prune_records(s.train_questions, samples, rc.prune)
-                    io.write_jsonl_atomic(rd.path(tag, "train.jsonl"), kept)
-                    io.write_json_atomic(rd.path(tag, "prune_stats.json"), stats)
+                    if rd.primary:
+                        io.write_jsonl_atomic(rd.path(tag, "train.jsonl"), kept)
+                        io.write_json_atomic(rd.path(tag, "prune_stats.json"), stats)
                     log.info("round %d prune: %s", r, prune.summary_line(stats))
 
                 def do_train():
@@ -174,7 +177,8 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                                            s.mesh, template=rc.prompt, shots=s.shots,
                                            seed=cfg.seed, think_cfg=rc.think,
                                            out_dir=rd.path(tag, "eval"))
-                io.write_json_atomic(rd.path(tag, "eval.json"), result)
+                if rd.primary:
+                    io.write_json_atomic(rd.path(tag, "eval.json"), result)
 
             if rd.done(f"{tag}/train") and params is None and not rd.done(f"{tag}/eval"):
                 params = params_of(r)
