@@ -153,7 +153,9 @@ class ThinkConfig:
 # Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +
 # dedup-equations. Order in the string does not matter: filters, then dedup, then caps.
 PRUNE_STEPS = ("first-correct", "all-correct", "max-k", "dedup-text", "dedup-equations",
-               "calculator", "rft")
+               "calculator", "rft", "influence")
+# influence: after the rest, keep the top influence_fraction by gradient similarity to
+# influence_targets seed examples (tpt_jax/influence.py; needs the model, so `tpt run` only).
 
 
 @dataclasses.dataclass
@@ -170,6 +172,14 @@ class PruneConfig:
     max_tokens: Optional[int] = None  # on the sample's `tokens` field
     answer_fallback: bool = False  # accept the last number when no answer marker is found
     metrics_k: Optional[list] = None  # k for pass@k/maj@k/diversity@k; None: 1, 2, 4, ... n
+    # The `influence` step (LESS-style gradient similarity, tpt_jax/influence.py).
+    influence_fraction: float = 0.5  # share of the candidates kept
+    influence_targets: int = 64  # target examples drawn from the seed/dev set
+    influence_dim: int = 1024  # random projection size
+    influence_params: list = dataclasses.field(
+        default_factory=lambda: ["layers/*/attn", "layers/*/mlp"])  # path patterns
+    influence_layer: int = -1  # which local/global pair of the stacked layers (-1: last)
+    influence_batch: int = 8  # examples per compiled gradient step
 
 
 @dataclasses.dataclass
@@ -471,6 +481,14 @@ def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:
     if p.metrics_k is not None and any(
             isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in p.metrics_k):
         raise ConfigError(f"{where}.metrics_k must be a list of positive integers, got {p.metrics_k}")
+    if not 0 < p.influence_fraction <= 1:
+        raise ConfigError(f"{where}.influence_fraction must be in (0, 1], got {p.influence_fraction}")
+    for name in ("influence_targets", "influence_dim", "influence_batch"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(p, name)}")
+    if not p.influence_params or any(not isinstance(x, str) or not x for x in p.influence_params):
+        raise ConfigError(f"{where}.influence_params must be a non-empty list of path patterns, "
+                          f"got {p.influence_params!r}")
     return p
 
 
