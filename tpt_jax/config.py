@@ -223,6 +223,25 @@ class EvalConfig:
     limit: Optional[int] = None
 
 
+SYNTH_STAGES = ("grade-school", "middle-school", "high-school", "competition", "mixed")
+
+
+@dataclasses.dataclass
+class SynthesizeConfig:
+    """New problems written by the model from seed texts, labelled by majority vote
+    (tpt_jax/synthesize.py); they join the round's Think and Prune as synthetic questions."""
+
+    enabled: bool = False
+    per_round: int = 100  # seed texts (= problems written) per round
+    seeds: str = "train"  # train (the training questions) | JSONL path with `text`/`question`
+    stage: str = "grade-school"  # grade-school | middle-school | high-school | competition | mixed
+    n_votes: int = 8  # sampled solutions per new problem
+    threshold: float = 0.5  # share of the n votes the majority answer needs
+    max_new_tokens: int = 256  # for writing a problem
+    temperature: float = 0.8
+    seed: int = 0
+
+
 @dataclasses.dataclass
 class RunConfig:
     """A whole TPT run: model, mesh, data, and each stage's settings."""
@@ -242,6 +261,7 @@ class RunConfig:
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
     # Per-round changes: {round: partial config}, e.g. {2: {think: {n: 8}}}.
     per_round: dict = dataclasses.field(default_factory=dict)
 
@@ -453,6 +473,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     from tpt_jax.prompts import parse_template  # late: prompts imports this module
     parse_template(cfg.prompt)
     validate_prune(cfg.prune)
+    validate_synthesize(cfg.synthesize)
     for key in cfg.per_round:
         r = int(key) if isinstance(key, int) or str(key).isdigit() else -1
         if not 0 <= r <= cfg.rounds:
@@ -490,6 +511,19 @@ def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:
         raise ConfigError(f"{where}.influence_params must be a non-empty list of path patterns, "
                           f"got {p.influence_params!r}")
     return p
+
+
+def validate_synthesize(sy: SynthesizeConfig) -> None:
+    if sy.stage not in SYNTH_STAGES:
+        raise ConfigError(f"synthesize.stage must be one of {', '.join(SYNTH_STAGES)}, "
+                          f"got {sy.stage!r}")
+    for name in ("per_round", "n_votes", "max_new_tokens"):
+        if getattr(sy, name) < 1:
+            raise ConfigError(f"synthesize.{name} must be >= 1, got {getattr(sy, name)}")
+    if not 0 < sy.threshold <= 1:
+        raise ConfigError(f"synthesize.threshold must be in (0, 1], got {sy.threshold}")
+    if sy.temperature < 0 or not sy.seeds:
+        raise ConfigError("synthesize.temperature must be >= 0 and synthesize.seeds non-empty")
 
 
 def validate_train(tr: TrainConfig, mesh: Optional[MeshConfig] = None) -> None:
