@@ -1,0 +1,368 @@
+"""`tpt plan`: per-device memory of a config's train step and sample step, before any TPU.
+
+    tpt plan configs/gemma2_9b_gsm8k.yaml --devices 32 --mesh 1,8,4
+
+Both programs are compiled ahead of time (`jax.jit(...).lower(...).compile()`) for N simulated
+CPU devices, from abstract inputs (`ShapeDtypeStruct`s carrying their shardings), so nothing
+the size of the model is ever allocated. XLA's `memory_analysis()` of each compiled program
+gives the per-device bytes of its arguments, outputs, donated (aliased) buffers and
+temporaries; the parameter, optimizer-state and KV-cache parts are the sizes of their shards.
+
+- **train**: one optimizer step (`train.Stepper`): f32 master params + Adam state (the donated
+  train state), the [grad_accum, batch / grad_accum, max_length] batch, and the temporaries
+  (activations, gradients, remat as configured). The round loop also keeps the params it
+  passed in alive during training: counted as `held`.
+- **sample**: one compiled Think batch (`sampler._generate`): the sampling-layout params
+  (tensor-parallel, replicated over data/fsdp), the donated KV cache of `think.batch_size`
+  rows x (max_prompt_tokens + max_new_tokens), and the temporaries. The round loop keeps the
+  trainer's params alive meanwhile: `held`.
+
+Peak per device = arguments + outputs - aliased + temporaries + code. The temporaries come
+from XLA:CPU's buffer assignment: TPU's compiler fuses and schedules differently (and CPU
+computes some bf16 ops in f32), so treat them as an estimate; argument, output and state sizes
+are exact. "tight" means more than 90% of a chip's HBM (the runtime needs some for itself).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from tpt_jax.config import ConfigError, MeshConfig, RunConfig, TptError
+
+log = logging.getLogger(__name__)
+
+GiB = 1024 ** 3
+# HBM per chip (GiB), as Google documents each generation.
+TPU_HBM_GIB = {"v5e": 16, "v4": 32, "v6e": 32, "v5p": 95}
+TIGHT = 0.9  # above this share of HBM a fit is "tight"
+_CHILD_ENV = "TPT_PLAN_CHILD"
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes per device of a tree of arrays / ShapeDtypeStructs with (named) shardings: the
+    largest shard (the one a device holds; shards are equal when dimensions divide)."""
+    import jax
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def total_bytes(tree: Any) -> int:
+    import jax
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_stats(compiled) -> dict:
+    """XLA's per-device memory analysis of a compiled program, plus the derived peak."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] \
+        + out["generated_code"]
+    return out
+
+
+def fits(nbytes: int, hbm_gib: Optional[dict] = None) -> dict:
+    """{tpu type: "yes" | "tight" | "no"} for `nbytes` per chip."""
+    out = {}
+    for name, gib in (hbm_gib or TPU_HBM_GIB).items():
+        cap = gib * GiB
+        out[name] = "no" if nbytes > cap else ("tight" if nbytes > TIGHT * cap else "yes")
+    return out
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def cpu_devices(n: int) -> Optional[list]:
+    """N CPU devices, or None when this process's JAX already started with fewer (then
+    `tpt plan` runs itself again in a fresh process with N devices)."""
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")  # never touch (maybe busy) accelerators
+        jax.config.update("jax_num_cpu_devices", n)
+    try:
+        devices = jax.devices("cpu")
+    except RuntimeError:
+        return None
+    return devices[:n] if len(devices) >= n else None
+
+
+@contextlib.contextmanager
+def _tpu_sampling_layout():
+    """Plan the sampling layout of an accelerator: on CPU the sampler keeps an extra
+    transposed copy of the embedding (`sampler._transposed_unembed`), TPUs do not."""
+    from tpt_jax import sampler
+    saved = sampler._transposed_unembed
+    sampler._transposed_unembed = lambda: False
+    try:
+        yield
+    finally:
+        sampler._transposed_unembed = saved
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def _with_sharding(shapes: Any, shardings: Any) -> Any:
+    import jax
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+def plan_train(cfg: RunConfig, model, mesh) -> dict:
+    """Compile one train step for `cfg.train` (batch_size, max_length, grad_accum, remat)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tpt_jax.sharding import TRAIN_RULES, use_rules
+    from tpt_jax.train import Stepper, check_batch
+
+    tc = cfg.train
+    micro = check_batch(tc, mesh)
+    stepper = Stepper(model, tc, mesh)  # not Stepper.get: nothing to keep for later
+    state = stepper.abstract_state()
+    T = tc.max_length  # the longest row a batch can have (packed rows always have it)
+    batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, micro, T),
+                                     jnp.float32 if k == "weights" else jnp.int32,
+                                     sharding=stepper.batch_sh[k]) for k in stepper.keys}
+    sched = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=NamedSharding(mesh, P()))
+    t0 = time.perf_counter()
+    with use_rules(mesh, TRAIN_RULES):
+        compiled = stepper._train.lower(state, batch, sched).compile()
+    stats = memory_stats(compiled)
+    params = shard_bytes(state["params"])
+    parts = {"params": params, "opt_state": shard_bytes(state["opt_state"]),
+             "batch": shard_bytes(batch)}
+    return _program("train", stats, parts, held=params, compile_s=time.perf_counter() - t0,
+                    shape={"batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+                           "max_length": T, "remat": tc.remat},
+                    params_total=total_bytes(state["params"]))
+
+
+def plan_sample(cfg: RunConfig, model, mesh) -> dict:
+    """Compile one Think batch: think.batch_size rows, the largest prompt bucket
+    (max_prompt_tokens) and max_new_tokens, n samples per prompt sharing one prefill."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from tpt_jax import model as M, sampler as S
+    from tpt_jax.sharding import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, use_rules
+    from tpt_jax.think import sampling_config
+
+    tk = cfg.think
+    sampling = sampling_config(tk)
+    group = min(tk.n, tk.batch_size)
+    prompts = tk.batch_size // group
+    rows = prompts * group
+    bucket = S.prompt_buckets(tk.max_prompt_tokens)[-1]
+    length = bucket + sampling.max_new_tokens
+
+    train_params = _with_sharding(M.abstract_params(model),
+                                  M.param_shardings(model, mesh, TRAIN_RULES))
+    with _tpu_sampling_layout():  # the layout switch Think does first; its outputs' shardings
+        switch = jax.jit(lambda p: S.unstack_layers(p, model, mesh, SAMPLE_RULES))
+        lowered = switch.lower(train_params)
+        switch_compiled = lowered.compile()
+    sp = _with_sharding(lowered.out_info, switch_compiled.output_shardings)
+
+    owner = types.SimpleNamespace(cfg=model.cfg, mesh=mesh, rules=SAMPLE_RULES)
+    cache = _with_sharding(
+        jax.eval_shape(lambda: S.init_layer_cache(model.cfg, rows, length, model.dtype)),
+        S.Sampler._cache_shardings(owner, rows, length))
+
+    def arg(shape, dtype, logical):
+        spec = logical_to_spec(logical, SAMPLE_RULES, mesh, shape)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    args = (arg((prompts, bucket), jnp.int32, ("act_batch", None)),
+            arg((prompts, bucket), jnp.int32, ("act_batch", None)),
+            arg((rows,), jnp.int32, ("act_batch",)), arg((rows,), jnp.int32, ("act_batch",)),
+            arg((rows,), jnp.bool_, ("act_batch",)))
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    prog = S._Program(sampling, group, (1,), (), 0)
+    fn = S._compiled(model.cfg, model.dtype, model.param_dtype)
+    t0 = time.perf_counter()
+    with use_rules(mesh, SAMPLE_RULES):
+        compiled = fn.lower(sp, cache, *args, seed, prog=prog).compile()
+    stats = memory_stats(compiled)
+    parts = {"params": shard_bytes(sp), "kv_cache": shard_bytes(cache)}
+    return _program("sample", stats, parts, held=shard_bytes(train_params),
+                    compile_s=time.perf_counter() - t0,
+                    shape={"rows": rows, "samples_per_prompt": group,
+                           "max_prompt_tokens": bucket, "max_new_tokens": sampling.max_new_tokens,
+                           "cache_length": length},
+                    switch=memory_stats(switch_compiled))
+
+
+def _program(name: str, stats: dict, parts: dict, held: int, compile_s: float, **extra) -> dict:
+    temp = stats["temp"]
+    total = stats["peak"] + held
+    return {"program": name, "xla": stats, "parts": {**parts, "temp": temp}, "peak": stats["peak"],
+            "held": held, "total": total, "fits": fits(total), "compile_s": round(compile_s, 1),
+            **extra}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def apply_shape_overrides(cfg: RunConfig, mesh: Optional[MeshConfig] = None,
+                          batch: Optional[int] = None, seq: Optional[int] = None,
+                          rows: Optional[int] = None) -> RunConfig:
+    """The config with the plan's command-line overrides (mesh, train batch/length, think rows)."""
+    train, think = cfg.train, cfg.think
+    if batch is not None:
+        if batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {batch}")
+        train = dataclasses.replace(train, batch_size=batch)
+    if seq is not None:
+        if seq < 2:
+            raise ConfigError(f"--seq must be >= 2, got {seq}")
+        train = dataclasses.replace(train, max_length=seq)
+    if rows is not None:
+        if rows < 1:
+            raise ConfigError(f"--rows must be >= 1, got {rows}")
+        think = dataclasses.replace(think, batch_size=rows)
+    return dataclasses.replace(cfg, mesh=mesh or cfg.mesh, train=train, think=think)
+
+
+def make_plan(cfg: RunConfig, devices: int, programs: tuple = ("train", "sample")) -> dict:
+    """Compile the programs of `cfg` for `devices` CPU devices; returns the plan as JSON data."""
+    from tpt_jax.config import model_preset
+    from tpt_jax.model import make_model
+    from tpt_jax.sharding import make_mesh
+
+    devs = cpu_devices(devices)
+    if devs is None:
+        raise TptError(f"this process has fewer than {devices} CPU devices; set "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before JAX "
+                       f"starts (the tpt plan command does this itself)")
+    mcfg = model_preset(cfg.model)
+    mesh = make_mesh(cfg.mesh, devs)
+    model = make_model(mcfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
+    out = {"model": cfg.model, "params": mcfg.param_count(), "devices": devices,
+           "mesh": dict(mesh.shape), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+           "hbm_gib": dict(TPU_HBM_GIB), "programs": {}}
+    for name in programs:
+        t0 = time.perf_counter()
+        out["programs"][name] = (plan_train if name == "train" else plan_sample)(cfg, model, mesh)
+        log.info("%s: compiled in %.1f s", name, time.perf_counter() - t0)
+    worst = max(p["total"] for p in out["programs"].values())
+    out["total"] = worst
+    out["fits"] = fits(worst)
+    return out
+
+
+def _unit(plan: dict) -> tuple[str, int]:
+    """GiB, or MiB for plans too small to read in GiB (tiny test models)."""
+    return ("GiB", GiB) if plan["total"] >= GiB / 4 else ("MiB", 1024 ** 2)
+
+
+def format_plan(plan: dict) -> str:
+    """Human-readable table: GiB per device for each program, and the TPU types it fits."""
+    mesh = plan["mesh"]
+    lines = [f"{plan['model']} ({plan['params'] / 1e9:.2f}B params), {plan['devices']} devices, "
+             f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, "
+             f"compute {plan['dtype']}, params {plan['param_dtype']}"]
+    for p in plan["programs"].values():
+        s = p["shape"]
+        if p["program"] == "train":
+            lines.append(f"  train: batch {s['batch_size']} (grad_accum {s['grad_accum']}) x "
+                         f"{s['max_length']} tokens, remat {s['remat']}")
+        else:
+            lines.append(f"  sample: {s['rows']} rows ({s['samples_per_prompt']} per prompt) x "
+                         f"cache {s['cache_length']} ({s['max_prompt_tokens']} prompt + "
+                         f"{s['max_new_tokens']} new)")
+    names = list(plan["hbm_gib"])
+    unit, scale = _unit(plan)
+    _gib = lambda n: f"{n / scale:.2f}"
+    head = [f"{unit}/device", "params", "opt state", "KV cache", "temp", "peak", "+held", "total",
+            *[f"{n} {plan['hbm_gib'][n]}G" for n in names]]
+    rows = []
+    for p in plan["programs"].values():
+        parts = p["parts"]
+        rows.append([p["program"], _gib(parts["params"]),
+                     _gib(parts["opt_state"]) if "opt_state" in parts else "-",
+                     _gib(parts["kv_cache"]) if "kv_cache" in parts else "-",
+                     _gib(parts["temp"]), _gib(p["peak"]), _gib(p["held"]), _gib(p["total"]),
+                     *[p["fits"][n] for n in names]])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    ok = [n for n in names if plan["fits"][n] != "no"]
+    fit = ", ".join(f"{n} ({plan['fits'][n]})" for n in ok) if ok else "none"
+    lines.append(f"fits: {fit}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli(parser) -> None:
+    parser.add_argument("config", help="run config YAML (path or name in configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.remat=dots think.batch_size=64")
+    parser.add_argument("--devices", type=int, required=True,
+                        help="number of devices (chips) to plan for; simulated on CPU")
+    parser.add_argument("--mesh", help="data,fsdp,tensor sizes (-1 = the rest); default: the "
+                        "config's mesh")
+    parser.add_argument("--batch", type=int, help="train batch size (default: train.batch_size)")
+    parser.add_argument("--seq", type=int, help="train sequence length (default: train.max_length)")
+    parser.add_argument("--rows", type=int, help="sampler rows per batch (default: think.batch_size)")
+    parser.add_argument("--only", choices=["train", "sample"], help="plan one program only")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=_cli)
+
+
+def _argv(args) -> list[str]:
+    """The command line of `args`, to run the same plan in a fresh process."""
+    argv = ["plan", args.config, *args.overrides, "--devices", str(args.devices)]
+    for name in ("mesh", "batch", "seq", "rows", "only"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    return argv + (["--json"] if args.json else [])
+
+
+def _cli(args) -> int:
+    from tpt_jax.config import load_run_config
+    from tpt_jax.sampler import parse_mesh
+
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+    cfg = load_run_config(args.config, list(args.overrides))
+    cfg = apply_shape_overrides(cfg, parse_mesh(args.mesh) if args.mesh else None, args.batch,
+                                args.seq, args.rows)
+    if cpu_devices(args.devices) is None:
+        if os.environ.get(_CHILD_ENV):
+            raise TptError(f"could not get {args.devices} CPU devices")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+        flags = [f for f in env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
+                                             f"{args.devices}"])
+        return subprocess.call([sys.executable, "-m", "tpt_jax.cli", *_argv(args)], env=env)
+    plan = make_plan(cfg, args.devices, (args.only,) if args.only else ("train", "sample"))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
