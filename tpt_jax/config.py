@@ -243,6 +243,25 @@ class SynthesizeConfig:
 
 
 @dataclasses.dataclass
+class SourceConfig:
+    """One more model that samples in Think (tpt_jax/multimodel.py)."""
+
+    name: str = "other"  # the `source` of its sample records
+    model: str = "test-tiny"  # preset (architecture) when no checkpoint says otherwise
+    checkpoint: Optional[str] = None  # Orbax params dir (model.json) or HF dir; None: random
+    n: Optional[int] = None  # samples per question; None: compute-matched to think.n
+
+
+@dataclasses.dataclass
+class SourcesConfig:
+    """Who samples: the trained model (self) and/or other models; pooled or separate Prune."""
+
+    self: bool = True
+    models: list = dataclasses.field(default_factory=list)  # of SourceConfig mappings
+    pool: str = "pooled"  # pooled (RFT-U: one Prune, dedup across models) | separate
+
+
+@dataclasses.dataclass
 class RunConfig:
     """A whole TPT run: model, mesh, data, and each stage's settings."""
 
@@ -262,6 +281,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
+    sources: SourcesConfig = dataclasses.field(default_factory=SourcesConfig)
     # Per-round changes: {round: partial config}, e.g. {2: {think: {n: 8}}}.
     per_round: dict = dataclasses.field(default_factory=dict)
 
@@ -474,6 +494,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     parse_template(cfg.prompt)
     validate_prune(cfg.prune)
     validate_synthesize(cfg.synthesize)
+    validate_sources(cfg.sources)
     for key in cfg.per_round:
         r = int(key) if isinstance(key, int) or str(key).isdigit() else -1
         if not 0 <= r <= cfg.rounds:
@@ -511,6 +532,30 @@ def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:
         raise ConfigError(f"{where}.influence_params must be a non-empty list of path patterns, "
                           f"got {p.influence_params!r}")
     return p
+
+
+def validate_sources(so: SourcesConfig) -> None:
+    """Turns `models` mappings into SourceConfigs; names unique, counts positive."""
+    if so.pool not in ("pooled", "separate"):
+        raise ConfigError(f"sources.pool must be pooled or separate, got {so.pool!r}")
+    models, names = [], set()
+    for i, m in enumerate(so.models):
+        where = f"sources.models[{i}]"
+        m = from_dict(SourceConfig, m, where) if isinstance(m, dict) else m
+        if not isinstance(m, SourceConfig):
+            raise ConfigError(f"{where}: expected a mapping, got {m!r}")
+        if not m.name or m.name in names or m.name == "self" or "/" in m.name:
+            raise ConfigError(f"{where}.name must be unique, not 'self', without '/', "
+                              f"got {m.name!r}")
+        if m.checkpoint is None and m.model not in MODEL_PRESETS:
+            raise ConfigError(f"{where}.model: unknown preset {m.model!r} and no checkpoint")
+        if m.n is not None and m.n < 1:
+            raise ConfigError(f"{where}.n must be >= 1 or null (compute-matched), got {m.n}")
+        names.add(m.name)
+        models.append(m)
+    so.models = models
+    if not so.self and not models:
+        raise ConfigError("sources.self is false and sources.models is empty: nobody samples")
 
 
 def validate_synthesize(sy: SynthesizeConfig) -> None:

@@ -291,8 +291,12 @@ def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_
             lists = {i: layout(q, rank) for i, q in enumerate(usable)}
             lists = {i: v for i, v in lists.items() if v}
             summary = metrics.summarize(lists, ks)
+        # correct samples repeating another correct solution (same text) of their question
+        dups = sum(len(sols) - len(set(sols)) for sols in
+                   ([v[4] for v in q.votes if v[3] and v[1] == rank] for q in usable))
         by_source[src] = {"samples": per_src[src]["samples"], "correct": per_src[src]["correct"],
-                          "kept": per_src[src]["kept"], "questions": len(lists),
+                          "kept": per_src[src]["kept"], "duplicates": dups,
+                          "questions": len(lists),
                           "false_positive": fp(per_src[src]), "metrics": summary}
     n_samples = total["samples"]
     return {
@@ -372,6 +376,9 @@ def _config_from_args(args) -> PruneConfig:
 
 def _run(args) -> int:
     cfg = _config_from_args(args)
+    if "influence" in {x.strip() for x in cfg.strategy.split("+")}:
+        raise TptError("prune step 'influence' needs the model's gradients: use it through "
+                       "`tpt run` (prune.strategy), or tpt_jax.influence.select_by_influence")
     _, stats = prune_files(args.dataset, args.samples, cfg, args.out, args.stats)
     log.info("prune: %s (%.1fs)", summary_line(stats), stats["seconds"])
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from tpt_jax import distributed, io, report
+from tpt_jax import distributed, io, multimodel, report
 from tpt_jax.config import RunConfig, load_run_config, model_preset, round_config
 from tpt_jax.rundir import RunDir
 
@@ -129,16 +129,29 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                 else:
                     params = get_base()
             else:
-                samples_dir = rd.path(tag, "samples")
+                samples_dir, sources_dir = rd.path(tag, "samples"), rd.path(tag, "sources")
+                latest = lambda r=r: params if params is not None else params_of(r - 1)
+                self_name = f"{cfg.model}@r{r - 1}"
+                questions = s.train_questions  # + synthesized problems (optional stage)
+                if not have_params:
+                    questions = multimodel.round_questions(
+                        rc, s, rd, tag, r, latest, lambda name, f: _stage(rd, name, f, wall))
 
                 def do_think():
-                    think.think(params if params is not None else params_of(r - 1), s.model,
-                                s.tokenizer, s.train_questions, rc.think, samples_dir, s.mesh,
-                                template=rc.prompt, shots=s.shots, source=f"{cfg.model}@r{r - 1}")
+                    if rc.sources.self:
+                        think.think(latest(), s.model, s.tokenizer, questions, rc.think,
+                                    samples_dir, s.mesh, template=rc.prompt, shots=s.shots,
+                                    source=self_name)
+                    multimodel.think_sources(rc, s, questions, sources_dir, r)  # other models
 
                 def do_prune():
-                    samples = think.read_samples(samples_dir)
-                    kept, stats = prune.prune_records(s.train_questions, samples, rc.prune)
+                    samples = (think.read_samples(samples_dir) if rc.sources.self else []) \
+                        + multimodel.read_source_samples(rc, sources_dir)
+                    kept, stats = multimodel.prune_sources(questions, samples, rc.prune,
+                                                           rc.sources.pool)
+                    kept, stats = multimodel.after_prune(  # influence step, data quality
+                        rc, s, rd, tag, kept, stats, latest, self_name,
+                        lambda: seed_examples(rc.data, rc.prompt, s.shots))
                     if rd.primary:
                         io.write_jsonl_atomic(rd.path(tag, "train.jsonl"), kept)
                         io.write_json_atomic(rd.path(tag, "prune_stats.json"), stats)
@@ -170,6 +183,8 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                 stats = io.read_json(rd.path(tag, "prune_stats.json"))
                 record["train_examples"] = stats["counts"]["kept"]
                 record["coverage"] = stats.get("coverage")
+                if stats.get("data_quality"):
+                    record["data_quality"] = stats["data_quality"]
 
             def do_eval():
                 p = params if params is not None else params_of(r)
@@ -194,6 +209,8 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
         if rd.primary:
             print(report.table(metrics))
             report.plot(metrics, rd.path("metrics.png"))
+            if any(m.get("data_quality") for m in metrics):
+                multimodel.plot_data_quality(metrics, rd.path("data_quality.png"))
             print(f"metrics: {rd.path('metrics.json')}  plot: {rd.path('metrics.png')}")
         return metrics
 
