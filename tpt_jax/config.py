@@ -134,6 +134,9 @@ class DataConfig:
     synthetic_test: int = 500
 
 
+LONG_PROMPTS = ("truncate", "skip")
+
+
 @dataclasses.dataclass
 class ThinkConfig:
     """Sampling traces for the training questions."""
@@ -148,6 +151,9 @@ class ThinkConfig:
     stop: list = dataclasses.field(default_factory=list)
     shard_size: int = 256  # questions per JSONL shard (the resume unit)
     seed: int = 0
+    # Prompts over max_prompt_tokens: "truncate" (keep BOS + the last tokens) or "skip" the
+    # question; either way they are counted in the samples folder's think.json and logged.
+    long_prompts: str = "truncate"
 
 
 # Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +
@@ -465,6 +471,8 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if t.top_k < 0 or t.max_prompt_tokens < 1:
         raise ConfigError(f"think.top_k must be >= 0 (0 = off) and think.max_prompt_tokens >= 1, "
                           f"got {t.top_k} and {t.max_prompt_tokens}")
+    if t.long_prompts not in LONG_PROMPTS:
+        raise ConfigError(f"think.long_prompts must be truncate or skip, got {t.long_prompts!r}")
     if any(not isinstance(s, str) or not s for s in t.stop):
         raise ConfigError(f"think.stop must be a list of non-empty strings, got {t.stop!r}")
     tr = cfg.train

@@ -44,7 +44,9 @@ def summarize(questions: Sequence[dict], greedy: Optional[Sequence[dict]],
         out["pass@1"] = sum(out["greedy"].values()) / max(len(questions), 1)
     if sampled:
         per_q = grade(questions, sampled)
-        n = min((len(v) for v in per_q.values()), default=0)
+        # a question with no samples (long prompt skipped, think.long_prompts) is left out of
+        # pass@k (questions@k says how many count); greedy Pass@1 counts it as wrong
+        n = min((len(v) for v in per_q.values() if v), default=0)
         usable = [k for k in ks if k <= n]
         s = metrics.summarize(per_q, usable)
         out.update({"n": n, "pass@k": s["pass@k"], "maj@k": s["maj@k"],

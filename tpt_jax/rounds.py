@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from tpt_jax import distributed, io, multimodel, report
-from tpt_jax.config import RunConfig, load_run_config, model_preset, round_config
+from tpt_jax import distributed, faults, io, multimodel, report
+from tpt_jax.config import RunConfig, TptError, load_run_config, model_preset, round_config
 from tpt_jax.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ def setup(cfg: RunConfig) -> Setup:
     from tpt_jax.tokenizer import check_vocab, load_tokenizer
 
     mesh = sharding.make_mesh(cfg.mesh)
+    from tpt_jax.train import check_batch
+    for r in range(cfg.rounds + 1):  # a batch that cannot split over the devices fails now
+        check_batch(round_config(cfg, r).train, mesh)
     model_cfg = model_preset(cfg.model)
     if cfg.checkpoint:
         from tpt_jax.weights import read_hf_config
@@ -80,11 +83,15 @@ def _stage(rd: RunDir, name: str, compute: Callable[[], Any], wall: dict) -> Non
         wall[short] = (rd.info(name) or {}).get("wall_s", 0.0)
         return
     t0 = time.perf_counter()
+    faults.set_stage(name)
+    faults.point("start")
     compute()
     wall[short] = round(time.perf_counter() - t0, 2)
     # Process 0 wrote the stage's files; the others read them only after this point.
     distributed.barrier(f"tpt-stage-{name}")
+    faults.point("before-mark")  # artifacts written, stage not yet recorded
     rd.mark(name, wall_s=wall[short])
+    faults.set_stage("")
 
 
 def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
@@ -98,9 +105,20 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
         base: Optional[Any] = None
         params: Optional[Any] = None  # the latest model, in memory
 
+        retrain: dict = {}  # round -> its train stage (returns the params), for a redo
+
         def params_of(r: int) -> Any:
-            return weights.load_params(rd.path(f"r{r:02d}", "params"), s.model, s.mesh,
-                                       sharding.TRAIN_RULES)
+            where = rd.path(f"r{r:02d}", "params")
+            try:
+                return weights.load_params(where, s.model, s.mesh, sharding.TRAIN_RULES)
+            except TptError as e:
+                if r not in retrain:
+                    raise
+                # marked done but unreadable (damaged or deleted files): train resumes from
+                # its last checkpoint, so the redo is quick and gives the same params
+                log.warning("%s is unreadable (%s); redoing round %d's train stage from its "
+                            "checkpoints", where, e, r)
+                return retrain[r]()
 
         def get_base() -> Any:
             nonlocal base
@@ -118,11 +136,15 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                 examples = seed_examples(rc.data, rc.prompt, s.shots)
                 record["train_examples"] = len(examples)
                 if examples:
-                    def seed_train():
+                    # (defaults bind this round's values: `retrain` may call it in a later round)
+                    def seed_train(r=r, rc=rc, tag=tag, examples=examples):
                         nonlocal params
                         params, _ = train.train(get_base(), s.model, s.tokenizer, examples,
-                                                rc.train, rd.path(tag, "train"), s.mesh)
+                                                rc.train, rd.path(tag, "train"), s.mesh,
+                                                label=f"round {r} train")
                         weights.save_params(params, s.model.cfg, rd.path(tag, "params"))
+                        return params
+                    retrain[r] = seed_train
                     _stage(rd, f"{tag}/train", seed_train, wall)
                     if params is None:
                         params = params_of(0)
@@ -157,7 +179,7 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                         io.write_json_atomic(rd.path(tag, "prune_stats.json"), stats)
                     log.info("round %d prune: %s", r, prune.summary_line(stats))
 
-                def do_train():
+                def do_train(r=r, rc=rc, tag=tag):  # defaults: see seed_train
                     nonlocal params
                     kept = [rec for _, rec in io.read_jsonl(rd.path(tag, "train.jsonl"))]
                     if not kept:
@@ -168,10 +190,13 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                         params if params is not None else params_of(r - 1))
                     if kept:
                         params, _ = train.train(start, s.model, s.tokenizer, kept, rc.train,
-                                                rd.path(tag, "train"), s.mesh)
+                                                rd.path(tag, "train"), s.mesh,
+                                                label=f"round {r} train")
                     else:
                         params = start
                     weights.save_params(params, s.model.cfg, rd.path(tag, "params"))
+                    return params
+                retrain[r] = do_train
 
                 if not have_params:
                     _stage(rd, f"{tag}/think", do_think, wall)

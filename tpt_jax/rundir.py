@@ -23,21 +23,27 @@ CONFIG = "config.json"
 
 
 class RunDir:
-    """Completed-stage bookkeeping for one run directory."""
+    """Completed-stage bookkeeping for one run directory. The lock is taken before the state
+    is read or written, and held until the `with` block (or the process) ends."""
 
     def __init__(self, root: str, cfg: Any, force: bool = False):
         self.root = str(root)
         self.primary = jax.process_index() == 0
         self._lock_file = None
         io.path(self.root).mkdir(parents=True, exist_ok=True)
-        self.state = self._load(cfg, force)
+        self._lock()
+        try:
+            self.state = self._load(cfg, force)
+        except BaseException:
+            self._unlock()
+            raise
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
     # -- lock
 
-    def __enter__(self) -> "RunDir":
+    def _lock(self) -> None:
         if self.primary and not io.is_remote(self.root):
             self._lock_file = open(self.path(".lock"), "w")
             try:
@@ -47,9 +53,14 @@ class RunDir:
                 self._lock_file = None
                 raise TptError(f"{self.root}: another tpt run is using this directory "
                                f"(lock {self.path('.lock')} is held)") from None
+
+    def __enter__(self) -> "RunDir":
         return self
 
     def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from tpt_jax import faults
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
 from tpt_jax.config import ConfigError, ThinkConfig, TptError
@@ -61,12 +62,36 @@ def make_sampler(params: Any, model, tokenizer, cfg: ThinkConfig, mesh=None,
                    stop_tokens=[t for t in stop_tokens if t])
 
 
+def fit_prompts(encoded: Sequence[list[int]], max_prompt_tokens: int, policy: str,
+                keep_first: int = 1) -> tuple[list[Optional[list[int]]], list[int]]:
+    """Apply the long-prompt policy to encoded prompts -> (prompts, indices of long ones).
+    "truncate" keeps the first `keep_first` tokens (BOS) and the last ones up to the limit;
+    "skip" gives None for a long prompt."""
+    if policy not in ("truncate", "skip"):
+        raise ConfigError(f"think.long_prompts must be truncate or skip, got {policy!r}")
+    out: list[Optional[list[int]]] = []
+    long_idx = []
+    for i, ids in enumerate(encoded):
+        if len(ids) <= max_prompt_tokens:
+            out.append(list(ids))
+            continue
+        long_idx.append(i)
+        if policy == "skip":
+            out.append(None)
+        else:
+            head = list(ids[:min(keep_first, max_prompt_tokens - 1)])
+            out.append(head + list(ids[len(ids) - (max_prompt_tokens - len(head)):]))
+    return out, long_idx
+
+
 def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequence[str],
              sampling: SamplingConfig, n: int, seed: int, stops: Sequence[str],
-             progress=None) -> list[list[dict]]:
+             progress=None, encoded: Optional[Sequence[list[int]]] = None) -> list[list[dict]]:
     """Sample n completions per prompt text -> [prompt][sample] dicts with completion (text cut
-    at the first stop string), finish ("stop" | "length") and tokens (tokens drawn)."""
-    encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
+    at the first stop string), finish ("stop" | "length") and tokens (tokens drawn).
+    `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts."""
+    if encoded is None:
+        encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
     gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress)
     out = []
     for per_prompt in gens:
@@ -87,12 +112,14 @@ def _manifest(cfg: ThinkConfig, questions: Sequence[dict], template: str, source
     """What decides the samples (batch_size does not: samples are independent of batching)."""
     ids = hashlib.sha256("\x00".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
     keep = ("n", "temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_tokens",
-            "shard_size", "seed")
+            "shard_size", "seed", "long_prompts")
     return {**{k: getattr(cfg, k) for k in keep}, "stop": list(stops), "template": template,
             "source": source, "questions": len(questions), "question_ids_sha": ids}
 
 
-def _check_manifest(out_dir: str, want: dict) -> None:
+def _check_manifest(out_dir: str, want: dict, extra: Optional[dict] = None) -> None:
+    """Refuse a folder made with other settings; write the manifest (with `extra`, counts that
+    are not compared) when there is none."""
     path = tio.path(out_dir) / MANIFEST
     if path.exists():
         have = tio.read_json(path)
@@ -102,7 +129,7 @@ def _check_manifest(out_dir: str, want: dict) -> None:
             raise TptError(f"{out_dir} holds samples made with {k}={have.get(k)!r}, but this run "
                            f"has {k}={want[k]!r}; use another --out or delete the folder")
     elif jax.process_index() == 0:
-        tio.write_json_atomic(path, want)
+        tio.write_json_atomic(path, {**want, **(extra or {})})
 
 
 def _done_shards(out_dir: str, count: int) -> list[bool]:
@@ -113,6 +140,16 @@ def _done_shards(out_dir: str, count: int) -> list[bool]:
         from jax.experimental import multihost_utils
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     return [bool(d) for d in done]
+
+
+def _remove_partial_shards(out_dir: str) -> None:
+    """Delete shard files a killed run left half-written (`.samples-NNNNN.jsonl.tmp-*`, the
+    temporary names of atomic writes); complete shards are never touched."""
+    if jax.process_index() != 0:
+        return
+    for p in tio.path(out_dir).glob(".samples-*.jsonl.tmp-*"):
+        log.info("think: removing %s, left by an interrupted write", p)
+        p.unlink()
 
 
 def read_samples(out_dir: str) -> list[dict]:
@@ -146,16 +183,30 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
         seen.add(q["id"])
     stops = stop_strings(cfg, template)
     texts = [P.format_prompt(template, q["question"], shots) for q in questions]
+    encoded, long_idx = fit_prompts([tokenizer.encode(t, add_bos=True) for t in texts],
+                                    cfg.max_prompt_tokens, cfg.long_prompts)
+    long_info = {}
+    if long_idx:
+        verb = "skipped" if cfg.long_prompts == "skip" else "truncated"
+        long_info = {"long_prompts_" + verb: len(long_idx),
+                     "long_prompt_ids": [str(questions[i]["id"]) for i in long_idx[:20]]}
+        log.warning("think: %d of %d prompts are longer than think.max_prompt_tokens %d and were "
+                    "%s (think.long_prompts=%s), e.g. %s", len(long_idx), len(questions),
+                    cfg.max_prompt_tokens, verb, cfg.long_prompts,
+                    ", ".join(long_info["long_prompt_ids"][:3]))
     shards = [range(a, min(a + cfg.shard_size, len(questions)))
               for a in range(0, len(questions), cfg.shard_size)]
+    # the questions that get samples, per shard (a skipped long prompt gets none)
+    shards = [[i for i in shard if encoded[i] is not None] for shard in shards]
     done = [False] * len(shards)
     if out_dir is not None:
-        _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops))
+        _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops), long_info)
+        _remove_partial_shards(out_dir)
         done = _done_shards(out_dir, len(shards))
-    if sampler is None and not all(done):
+    if sampler is None and any(shard and not d for shard, d in zip(shards, done)):
         sampler = make_sampler(params, model, tokenizer, cfg, mesh, stops)
 
-    total = len(questions) * cfg.n
+    total = sum(len(s) for s in shards) * cfg.n
     initial = sum(len(s) for s, d in zip(shards, done) if d) * cfg.n
     bar = tqdm(total=total, initial=initial, unit="sample", desc="think", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
@@ -169,17 +220,21 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                 continue
             outs = complete(sampler, tokenizer, [texts[i] for i in shard],
                             [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
-                            stops, progress=bar.update)
+                            stops, progress=bar.update,
+                            encoded=[encoded[i] for i in shard]) if shard else []
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
                 tio.write_jsonl_atomic(tio.path(out_dir) / shard_name(k), recs)
+                faults.point("shard-written")
             records += recs
     finally:
         bar.close()
     if out_dir is not None:
-        log.info("think: %d samples for %d questions in %s (%d shards, %d reused)", len(records),
-                 len(questions), out_dir, len(shards), sum(done))
+        log.info("think: %d samples for %d questions in %s (%d shards, %d reused%s)",
+                 len(records), len(questions), out_dir, len(shards), sum(done),
+                 "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
+                         if isinstance(v, int)))
     return records
 
 
@@ -212,6 +267,9 @@ def add_cli(parser) -> None:
     parser.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--long-prompts", default=d.long_prompts, choices=["truncate", "skip"],
+                        help="prompts over --max-prompt-tokens: keep BOS + the last tokens, or "
+                             "skip the question (counted either way)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="rows (prompts x samples) per compiled batch")
     parser.add_argument("--shard-size", type=int, default=d.shard_size, help="questions per shard")
@@ -254,14 +312,20 @@ def _cli(args) -> int:
     cfg = ThinkConfig(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                       batch_size=args.batch_size, stop=list(args.stop),
-                      shard_size=args.shard_size, seed=args.seed)
+                      shard_size=args.shard_size, seed=args.seed, long_prompts=args.long_prompts)
     for name in ("n", "max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     sampling_config(cfg)
     P.parse_template(args.template)
     skips = tio.Skips()
-    questions = [r for _, r in tio.read_jsonl(args.dataset, skips, required=("id", "question"))]
+    questions = []
+    for lineno, r in tio.read_jsonl(args.dataset, skips, required=("id", "question")):
+        if not isinstance(r["question"], str) or not r["question"].strip():
+            skips.add("empty question" if isinstance(r["question"], str) else
+                      "question not text", f"{args.dataset}:{lineno}")
+            continue
+        questions.append(r)
     if skips.total():
         log.warning("%s: skipped %s", args.dataset, skips.summary())
     if args.limit is not None:

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpt_jax import io, sft_data
+from tpt_jax import faults, io, sft_data
 from tpt_jax.checkpoint import Checkpoints, abstract_like
 from tpt_jax.config import MeshConfig, TptError, TrainConfig
 from tpt_jax.loss import chunked_cross_entropy
@@ -252,7 +252,8 @@ def _host_metrics(pending: list) -> list[dict]:
 
 def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: TrainConfig,
           out_dir: str, mesh: Optional[Mesh] = None, eval_examples: Optional[Sequence[dict]] = None,
-          *, donate: bool = False, stop_at: Optional[int] = None) -> tuple[Any, dict]:
+          *, donate: bool = False, stop_at: Optional[int] = None,
+          label: str = "train") -> tuple[Any, dict]:
     """Fine-tune `params` on `examples` (records with `prompt` and `completion`).
 
     Resumes from `out_dir/checkpoints` when it holds a checkpoint of the same config and data
@@ -260,7 +261,11 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
     `eval_fraction` slice held out of `examples`, is scored every `eval_every` steps and at the
     end. Returns (params, metrics): the best-by-eval-loss params when `use_best` and an eval
     set exist, else the final ones. `donate=True` lets training consume the caller's `params`
-    buffers; `stop_at=k` checkpoints after step k and returns (a planned interruption)."""
+    buffers; `stop_at=k` checkpoints after step k and returns (a planned interruption).
+
+    A non-finite loss or gradient norm (seen on the host at each log, eval or save point,
+    always before a save) stops training with a TptError naming `label` and the step; the
+    bad state is never saved, so the newest checkpoint stays the last good one."""
     mesh = mesh or default_mesh()
     _check_vocab(tokenizer, model.cfg.vocab_size)
     examples = list(examples)
@@ -336,7 +341,24 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
                 "orders": [o.tolist() for o in orders], "cursor": step, "history": history,
                 "evals": evals, "best": best, "stats": stats.to_json()}
         ckpts.save(step, state, meta)
+        faults.point("ckpt-save")  # the async save is in flight here
         _write_log(root, history, evals)
+
+    def stop_if_not_finite(fetched: list[dict]) -> None:
+        bad = next((h for h in fetched if not (math.isfinite(h["loss"])
+                                               and math.isfinite(h["grad_norm"]))), None)
+        if bad is None:
+            return
+        ckpts.wait()
+        best_ckpts.wait()
+        good = ckpts.steps()
+        ckpts.close()
+        best_ckpts.close()
+        raise TptError(f"{label}: loss {bad['loss']} (grad_norm {bad['grad_norm']}) at step "
+                       f"{bad['step']} of {total}; stopped without saving that state; the last "
+                       f"good checkpoint is " + (f"step {good[-1]} in {root}/checkpoints" if good
+                                                 else "none (no step was saved)")
+                       + "; lower train.learning_rate or set train.clip_norm")
 
     pending, t0, tokens_seen = [], time.perf_counter(), 0
     end = total if stop_at is None else min(total, stop_at)
@@ -350,11 +372,14 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
         tokens_seen += int(batch["weights"].sum())
         state, metrics = stepper.train_step(state, batch, sched)
         pending.append((step, metrics))
+        faults.point("step")
         last = step == end
         if step % cfg.log_every == 0 or last or (cfg.eval_every and step % cfg.eval_every == 0) \
                 or (cfg.save_every and step % cfg.save_every == 0):
-            history.extend(_host_metrics(pending))
+            fetched = _host_metrics(pending)
+            history.extend(fetched)
             pending = []
+            stop_if_not_finite(fetched)
             h = history[-1]
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g (%.0f trained tokens/s)",
                      step, total, h["loss"], h["lr"], h["grad_norm"],

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tpt_jax import io
+from tpt_jax import faults, io
 from tpt_jax.config import ModelConfig, TptError
 from tpt_jax.model import Gemma2, abstract_params, as_dtype, param_shardings
 
@@ -353,6 +353,8 @@ def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
         target = io.path(os.path.abspath(out_dir))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target / "params", params, force=True)
+        faults.point("params-save")  # the write is in flight (Orbax: temporary dir, rename)
+    faults.point("params-saved")
     if jax.process_index() == 0:
         io.write_json_atomic(target / "model.json", dataclasses.asdict(cfg))
 
