@@ -34,7 +34,7 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path):
     assert saved[0]["train_examples"] == 24  # round 0 trains on the seed solutions
     for m in saved[1:]:
         assert set(m["wall_s"]) == {"think", "prune", "train", "eval"}
-        assert m["coverage"] is None or 0 <= m["coverage"] <= 1
+        assert 0 <= m["coverage"] <= 1
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     for tag in ("r01", "r02"):
@@ -48,6 +48,7 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path):
         stats = json.loads((out / tag / "prune_stats.json").read_text())
         kept = [json.loads(line) for line in (out / tag / "train.jsonl").read_text().splitlines()]
         assert stats["counts"]["kept"] == len(kept) == saved[int(tag[1:])]["train_examples"]
+        assert saved[int(tag[1:])]["coverage"] == stats["metrics"]["coverage"]
         assert all(k["correct"] for k in kept)
         assert (out / tag / "params").is_dir() and (out / tag / "eval.json").is_file()
     state = json.loads((out / "state.json").read_text())

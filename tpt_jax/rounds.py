@@ -207,7 +207,7 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
                         wall[st] = (rd.info(f"{tag}/{st}") or {}).get("wall_s", 0.0)
                 stats = io.read_json(rd.path(tag, "prune_stats.json"))
                 record["train_examples"] = stats["counts"]["kept"]
-                record["coverage"] = stats.get("coverage")
+                record["coverage"] = stats["metrics"].get("coverage")  # share of questions with a correct sample
                 if stats.get("data_quality"):
                     record["data_quality"] = stats["data_quality"]
 
