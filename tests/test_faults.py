@@ -1,0 +1,237 @@
+"""Fault injection: `tpt run` on a tiny one-round config is killed with SIGKILL inside every
+stage (Think, Prune, Train, Eval, an Orbax checkpoint write, the round's params write, between
+a stage's last write and its mark in state.json) and at random moments, and rerun after each
+kill; a round's params are also damaged after their stage was recorded. The finished run must
+equal an uninterrupted one: metrics.json (all but wall-clock seconds), every round's params
+bit for bit, the kept training examples, and the samples, which hold each (question, sample)
+exactly once.
+
+Kills land deterministically through `TPT_FAULT` (tpt_jax/faults.py): `<stage>:<point>@k`
+kills at the k-th time this process reaches that point; `<stage>:start+t` kills t seconds
+after the stage starts (t from a seeded RNG: "random wall-clock moments" that still stay in
+that stage, so the sequence below stays meaningful). Each rerun pays process start-up; the
+compiled programs come from a JAX persistent compilation cache shared with the reference run.
+
+`TPT_FAULTS_LONG=1` runs the long variant (22 kills: more kill points, more random kills;
+there each kill also has a backstop at the end of its stage, since a random kill may already
+have passed the next point).
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Everything that decides the run's size is pinned here, so retuning configs/tiny_cpu.yaml
+# does not change what this test costs: 32 seed examples (4 train steps of 8, checkpoints at
+# steps 2 and 4), 32 training questions x 2 samples in 4 Think shards, 16 eval questions in
+# 2 shards.
+OVERRIDES = [
+    "model=test-tiny", "rounds=1", "data.synthetic_train=32", "data.synthetic_test=16",
+    "data.seed_size=32", "think.n=2", "think.batch_size=16", "think.shard_size=8",
+    "think.max_new_tokens=24", "think.max_prompt_tokens=96", "eval.n=0", "eval.limit=null",
+    "eval.max_new_tokens=24", "train.batch_size=8", "train.max_length=192",
+    "train.save_every=2", "train.keep_checkpoints=2", "train.log_every=1",
+    "train.async_checkpoint=true", "train.eval_fraction=0.0",
+]
+
+CORRUPT = "corrupt r00/params"  # not a kill: damage round 0's params after its stage is done
+
+# (TPT_FAULT spec or a marker, what it interrupts). "R:<stage>:<lo>:<hi>" is a random kill
+# in [lo, hi) seconds after <stage> starts, with a backstop at the end of that stage (so a
+# stage that finishes early is still killed inside, and the next kill point still lies ahead).
+SHORT = [
+    ("r00/train:step@3", "mid-train, step 3 of 4 (the step-2 checkpoint may be in flight)"),
+    ("r00/train:ckpt-save@1", "an Orbax checkpoint write in flight"),
+    ("R:r00/train:0.3:4", "a random moment in Train"),
+    ("r00/train:params-save", "the round's params (Orbax) write in flight"),
+    ("r00/eval:shard-written@1", "Eval after its first shard"),
+    (CORRUPT, ""),
+    ("r00/eval:before-mark", "Eval written, not yet marked (and r00/params redone)"),
+    ("r01/think:shard-written@2", "Think after 2 of 4 shards"),
+    ("R:r01/think:0:3", "a random moment in Think"),
+    ("r01/prune:before-mark", "Prune written, not yet marked"),
+    ("r01/train:params-saved", "params written, model.json not yet"),
+    ("r01/eval:shard-written@1", "the last Eval after its first shard"),
+]
+LONG = [
+    ("r00/train:step@1", "after the first train step, nothing saved"),
+    ("r00/train:step@3", "mid-train"),
+    ("r00/train:ckpt-save@1+0.05", "50 ms into an Orbax checkpoint write"),
+    ("r00/train:ckpt-save@1", "an Orbax checkpoint write in flight"),
+    ("R:r00/train:0.3:4", "a random moment in Train"),
+    ("r00/train:params-save", "the round's params write in flight"),
+    ("r00/train:params-saved", "params written, model.json not yet"),
+    ("r00/train:before-mark", "Train written, not yet marked"),
+    ("R:r00/eval:0:2", "a random moment in Eval"),
+    ("r00/eval:shard-written@1", "Eval after its first shard"),
+    (CORRUPT, ""),
+    ("r00/eval:before-mark", "Eval written, not yet marked (and r00/params redone)"),
+    ("r01/think:shard-written@1", "Think after 1 shard"),
+    ("R:r01/think:0:2", "a random moment in Think"),
+    ("r01/think:shard-written@1", "Think after another shard"),
+    ("r01/think:before-mark", "Think written, not yet marked"),
+    ("r01/prune:before-mark", "Prune written, not yet marked"),
+    ("r01/train:params-save", "the round's params write in flight"),
+    ("r01/train:before-mark", "Train written, not yet marked"),
+    ("R:r01/eval:0:2", "a random moment in the last Eval"),
+    ("r01/eval:shard-written@1", "the last Eval after its first shard"),
+    ("r01/eval:before-mark", "the last Eval written, not yet marked"),
+]
+
+
+def _env(cache: Path, fault: str = "") -> dict:
+    env = dict(os.environ)
+    env.update({
+        # 2 CPU devices: sharded (fsdp=2) yet cheap to restart on a loaded machine
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    })
+    env.pop("TPT_FAULT", None)
+    if fault:
+        env["TPT_FAULT"] = fault
+    return env
+
+
+def tpt_run(out: Path, cache: Path, log: Path, fault: str = "") -> int:
+    cmd = [sys.executable, "-m", "tpt_jax.cli", "run", *OVERRIDES, "-o", str(out)]
+    with open(log, "w") as f:
+        return subprocess.run(cmd, env=_env(cache, fault), stdout=f, stderr=subprocess.STDOUT,
+                              cwd=REPO, timeout=900).returncode
+
+
+def _state(out: Path) -> list:
+    p = out / "state.json"
+    return json.loads(p.read_text())["done"] if p.exists() else []
+
+
+def _no_wall(metrics: list) -> list:
+    return [{k: v for k, v in rec.items() if k != "wall_s"} for rec in metrics]
+
+
+def _samples(folder: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted(folder.glob("samples-*.jsonl"))
+            for line in p.read_text().splitlines() if line.strip()]
+
+
+def _params(folder: Path):
+    from tpt_jax import model as M
+    from tpt_jax import weights
+    from tpt_jax.config import model_preset
+    tree = weights.load_params(str(folder), M.make_model(model_preset("test-tiny")))
+    import jax
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _corrupt_params(folder: Path) -> None:
+    """Cut the biggest data file of an Orbax params checkpoint in half."""
+    files = [p for p in folder.rglob("*") if p.is_file() and "/d/" in str(p)]
+    big = max(files, key=lambda p: p.stat().st_size)
+    os.truncate(big, big.stat().st_size // 2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (it also fills the compilation cache the killed runs reuse)."""
+    root = tmp_path_factory.mktemp("faults")
+    cache, out = root / "jax-cache", root / "reference"
+    rc = tpt_run(out, cache, root / "reference.log")
+    assert rc == 0, (root / "reference.log").read_text()[-3000:]
+    return root, cache, out
+
+
+def test_killed_run_ends_like_an_uninterrupted_one(reference):
+    root, cache, ref = reference
+    out = root / "killed"
+    long = bool(os.environ.get("TPT_FAULTS_LONG"))
+    plan = LONG if long else SHORT
+    rng = random.Random(8)
+    kills, history = 0, []
+    for i, (spec, what) in enumerate(plan):
+        if spec == CORRUPT:
+            assert "r00/train" in _state(out)
+            _corrupt_params(out / "r00" / "params")
+            history.append("corrupted r00/params")
+            continue
+        primary = spec
+        if spec.startswith("R:"):
+            _, stage, lo, hi = spec.split(":")
+            primary = f"{stage}:start+{rng.uniform(float(lo), float(hi)):.2f}"
+            spec = f"{primary},{stage}:before-mark"
+        elif long and not spec.endswith("before-mark"):
+            spec = f"{spec},{spec.split(':')[0]}:before-mark"
+        log = root / f"killed-{i:02d}.log"
+        rc = tpt_run(out, cache, log, fault=spec)
+        history.append(f"{spec} -> rc {rc}, done {_state(out)}")
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        # every planned kill landed (the run did not finish or fail instead)
+        assert rc == -signal.SIGKILL, "\n".join(history) + "\n" + text[-3000:]
+        if not (long or "+" in primary):  # the intended point, not a backstop
+            assert f"TPT_FAULT: SIGKILL at {primary.split('@')[0]}\n" in text, text[-3000:]
+        kills += 1
+        if spec == "r00/eval:before-mark":  # the first run after the damage
+            assert "r00/params is unreadable" in text and "redoing round 0's train" in text, \
+                text[-3000:]
+    assert kills >= (10 if plan is SHORT else 20)
+
+    rc = tpt_run(out, cache, root / "killed-final.log")
+    assert rc == 0, (root / "killed-final.log").read_text()[-3000:]
+
+    # same results as the uninterrupted run
+    assert _state(out) == _state(ref)
+    got = json.loads((out / "metrics.json").read_text())
+    want = json.loads((ref / "metrics.json").read_text())
+    assert _no_wall(got) == _no_wall(want)
+    for name in ("r01/train.jsonl", "r01/prune_stats.json", "r00/eval.json", "r01/eval.json"):
+        assert (out / name).read_text() == (ref / name).read_text(), name
+    for tag in ("r00", "r01"):
+        a, b = _params(out / tag / "params"), _params(ref / tag / "params")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{tag} {k}"
+
+    # each (question, sample) exactly once, and the very same samples
+    for folder, n, questions in (("r01/samples", 2, 32), ("r00/eval/greedy", 1, 16),
+                                 ("r01/eval/greedy", 1, 16)):
+        recs = _samples(out / folder)
+        keys = [(r["id"], r["sample"]) for r in recs]
+        assert len(keys) == len(set(keys)) == n * questions, folder
+        assert {j for _, j in keys} == set(range(n))
+        assert recs == _samples(ref / folder), folder
+    # killed writes leave no file that a reader would take for an artifact
+    assert not list(out.rglob("*.orbax-checkpoint-tmp*"))
+    assert not list(out.rglob(".samples-*.tmp-*"))
+
+
+def test_changed_config_needs_force(reference, tmp_path, capsys):
+    """On resume, a changed config is a one-line error (exit 2) unless --force."""
+    import shutil
+
+    from tpt_jax.cli import main
+    _, _, ref = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    changed = OVERRIDES + ["eval.max_new_tokens=20"]
+    assert main(["run", *changed, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "was started with a different config" in err and "--force" in err
+    # --force: continues with the new config; every stage is done, so nothing is redone
+    assert main(["run", *changed, "-o", str(out), "--force"]) == 0
+    err = capsys.readouterr().err  # the CLI logs to stderr
+    assert "config changed; continuing with the new one (--force)" in err and "Traceback" not in err
+    got = json.loads((out / "metrics.json").read_text())
+    assert _no_wall(got) == _no_wall(json.loads((ref / "metrics.json").read_text()))
