@@ -12,7 +12,7 @@ after the stage starts (t from a seeded RNG: "random wall-clock moments" that st
 that stage, so the sequence below stays meaningful). Each rerun pays process start-up; the
 compiled programs come from a JAX persistent compilation cache shared with the reference run.
 
-`TPT_FAULTS_LONG=1` runs the long variant (22 kills: more kill points, more random kills;
+`TPT_FAULTS_LONG=1` runs the long variant (21 kills: more kill points, more random kills;
 there each kill also has a backstop at the end of its stage, since a random kill may already
 have passed the next point).
 """
