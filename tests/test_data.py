@@ -200,8 +200,12 @@ def _check_solution(rec: dict) -> None:
     assert final, rec
     start = int(re.search(r"has (\d+)", rec["question"]).group(1))
     prev = start
-    for line in lines[:-1]:
-        m = re.fullmatch(r"[a-z ]+(?: (\d+))?: <<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)", line)
+    sentences = rec["question"].split(". ")
+    assert len(sentences) == len(lines) + 1, rec
+    for i, line in enumerate(lines[:-1]):
+        assert sentences[i + 1].startswith(line.split(":")[0]), rec  # line i restates step i
+        m = re.fullmatch(r"(?:Then |Later )?[A-Za-z ]+?(?: (\d+))?: <<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)",
+                         line)
         assert m, line
         amount, a, op, b, res, shown = m.groups()
         assert int(a) == prev, rec  # each step continues from the previous result

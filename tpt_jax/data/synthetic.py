@@ -6,17 +6,27 @@ templates, `#### N` answer parsing, calculator checks and pruning code apply unc
 
 A problem is a person, an item, a starting count and 1..MAX_STEPS operations on it:
 
-    Question: Mia has 7 apples. She buys 5 more. Then she gives 3 to Sam. How many apples
-    does Mia have now?
-    Solution: buys 5: <<7+5=12>>12
-              gives 3: <<12-3=9>>9
-              #### 9
+    Question: Mia has 7 apples. She buys 3 more. Then she doubles them. Later she gives 2 to
+    Tom. How many apples does Mia have now?
+    Solution: She buys 3: <<7+3=10>>10
+              Then she doubles: <<10*2=20>>20
+              Later she gives 2: <<20-2=18>>18
+              #### 18
 
-Operations: add (buys/finds/gets N more), subtract (gives N to X / loses N / sells N),
-double, triple, halve. Every intermediate value stays in 0..MAX_VALUE, so the arithmetic is a
-small table of facts a tiny model can partly learn from a few hundred seed solutions and learn
-better from its own correct samples. Difficulty grows with the number of steps, which is what
-leaves room to improve over rounds.
+Operations: add 1..3 (buys/finds/gets N more), subtract 1..3 (gives N to X / loses N / sells N),
+double, triple, halve; values stay in 0..MAX_VALUE. Prompts are <= 48 tokens and solutions
+<= 64 with the builtin tokenizer.
+
+Why this shape (measured with a 0.3M-parameter Gemma2, 2 layers, on 200 seed solutions):
+- Each step's sentence starts with its own connector (-, Then, Later) and the solution line
+  repeats it, so finding the next sentence is a copy, not a count: this alone took round 0
+  from 12% to 22% greedy.
+- Small amounts keep addition and subtraction close to lookups. With amounts up to 9 the
+  round-0 model got 14% of +/- steps right and stayed there over rounds (its own samples only
+  repeated facts it knew); with amounts up to 3 it starts at ~33% and climbs with every round.
+- One to three steps: the round-0 model solves ~60% of one-step, ~20% of two-step and ~7% of
+  three-step problems, so greedy Pass@1 starts near 30% and has room to grow (prototype:
+  30 -> 38 -> 44 -> 48% over three TPT rounds).
 
 Splits: `train` and `test` partition the space of questions by a hash of the question text, so
 they never share a question whatever their sizes; `seed` (worked solutions for the round-0
@@ -29,8 +39,9 @@ import hashlib
 import random
 
 MAX_STEPS = 3
-MAX_VALUE = 99
-MAX_AMOUNT = 9  # added/subtracted amounts are single digits
+MAX_VALUE = 40
+MAX_START = 20
+MAX_AMOUNT = 3  # added/subtracted amounts: larger ones stall a tiny model (see above)
 MAX_DOUBLE, MAX_TRIPLE, MAX_HALVE = 20, 12, 40  # keep products and halves small facts
 TEST_FRACTION = 0.2  # share of the question space reserved for the test split
 
@@ -38,13 +49,16 @@ NAMES = [("Mia", "She"), ("Sam", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "
          ("Max", "He"), ("Lily", "She"), ("Ben", "He"), ("Emma", "She"), ("Jack", "He")]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "marbles",
          "cookies"]
+# Each step's sentence starts with its own connector, and the solution line repeats it, so
+# finding "the next sentence" is a copy, not a count.
+CONNECTORS = ["", "Then", "Later"]
 FRIENDS = ["Tom", "Ann", "Kim", "Bob", "Eve", "Dan"]
 ADD_VERBS = ["buys", "finds", "gets"]
 SUB_VERBS = ["gives", "loses", "sells"]
 
 
-def _step(rng: random.Random, value: int, pronoun: str) -> tuple[str, str, int, str]:
-    """One operation applied to `value`: (question sentence, solution label, new value, expr)."""
+def _step(rng: random.Random, value: int) -> tuple[str, str, int, str]:
+    """One operation on `value`: (sentence predicate, solution label, new value, expression)."""
     ops = []
     if value + MAX_AMOUNT <= MAX_VALUE:
         ops.append("add")
@@ -60,33 +74,33 @@ def _step(rng: random.Random, value: int, pronoun: str) -> tuple[str, str, int, 
     if op == "add":
         b = rng.randint(1, MAX_AMOUNT)
         verb = rng.choice(ADD_VERBS)
-        return f"{pronoun} {verb} {b} more.", f"{verb} {b}", value + b, f"{value}+{b}"
+        return f"{verb} {b} more.", f"{verb} {b}", value + b, f"{value}+{b}"
     if op == "sub":
         b = rng.randint(1, min(MAX_AMOUNT, value))
         verb = rng.choice(SUB_VERBS)
         tail = f" to {rng.choice(FRIENDS)}" if verb == "gives" else ""
-        return f"{pronoun} {verb} {b}{tail}.", f"{verb} {b}", value - b, f"{value}-{b}"
+        return f"{verb} {b}{tail}.", f"{verb} {b}", value - b, f"{value}-{b}"
     if op == "double":
-        return f"{pronoun} doubles them.", "doubles", value * 2, f"{value}*2"
+        return "doubles them.", "doubles", value * 2, f"{value}*2"
     if op == "triple":
-        return f"{pronoun} triples them.", "triples", value * 3, f"{value}*3"
+        return "triples them.", "triples", value * 3, f"{value}*3"
     friend = rng.choice(FRIENDS)
-    return f"{pronoun} gives half to {friend}.", "gives half", value // 2, f"{value}/2"
+    return f"gives half to {friend}.", "gives half", value // 2, f"{value}/2"
 
 
 def make_problem(rng: random.Random, steps: int) -> dict:
     """One problem with `steps` operations: {"question", "answer" (worked solution), "final"}."""
     name, pronoun = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    value = rng.randint(2, 20)
+    value = rng.randint(2, MAX_START)
     sentences = [f"{name} has {value} {item}."]
     lines = []
     for i in range(steps):
-        sentence, label, new, expr = _step(rng, value, pronoun)
-        if i > 0:
-            sentence = "Then " + sentence[0].lower() + sentence[1:]
-        sentences.append(sentence)
-        lines.append(f"{label}: <<{expr}={new}>>{new}")
+        sentence, label, new, expr = _step(rng, value)
+        lead = CONNECTORS[min(i, len(CONNECTORS) - 1)]
+        subject = f"{lead} {pronoun.lower()}" if lead else pronoun
+        sentences.append(f"{subject} {sentence}")
+        lines.append(f"{subject} {label}: <<{expr}={new}>>{new}")
         value = new
     sentences.append(f"How many {item} does {name} have now?")
     lines.append(f"#### {value}")
