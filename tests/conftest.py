@@ -13,9 +13,23 @@ import pytest  # noqa: E402
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
-def make_hf_checkpoint(path, seed=0, **overrides):
+class ByteTokenizer:
+    """Characters as ids (byte + 3); Gemma's pad/eos/bos = 0/1/2. A tokenizer test double."""
+
+    vocab_size, pad_id, eos_id, bos_id = 256, 0, 1, 2
+
+    def encode(self, text, add_bos=False):
+        ids = [min(b, 252) + 3 for b in text.encode("ascii", "replace")]
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+def make_hf_checkpoint(path, seed=0, embed_std=0.5, **overrides):
     """Save a tiny random `Gemma2ForCausalLM` with `save_pretrained`; norms randomised too,
-    so every weight matters in a parity check."""
+    so every weight matters in a parity check. Small `embed_std` makes greedy continuations
+    vary (the layers, not the current token's embedding, pick the next token)."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -30,7 +44,7 @@ def make_hf_checkpoint(path, seed=0, **overrides):
             if "norm" in name:
                 p.normal_(0.0, 0.3)
             elif "embed" in name:
-                p.normal_(0.0, 0.5)
+                p.normal_(0.0, embed_std)
     model.save_pretrained(path)
     return model
 

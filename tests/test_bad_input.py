@@ -12,7 +12,8 @@ import pytest
 
 from tpt_jax import io as tio
 from tpt_jax.cli import main
-from tpt_jax.config import RunConfig, TptError
+from tpt_jax.config import TptError
+from conftest import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # small enough that a case which does get past the config reaches its error quickly
@@ -194,19 +195,6 @@ def test_training_examples_missing_fields_are_counted(tmp_path, caplog):
     assert f"missing field 'prompt' ({f}:3)" in caplog.text
 
 
-class _Tok:
-    """Characters as ids (byte + 3), Gemma's pad/eos/bos = 0/1/2."""
-
-    vocab_size, pad_id, eos_id, bos_id = 256, 0, 1, 2
-
-    def encode(self, text, add_bos=False):
-        ids = [min(b, 252) + 3 for b in text.encode("ascii", "replace")]
-        return [self.bos_id] + ids if add_bos else ids
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids if i >= 3)
-
-
 def test_tampered_think_shard_is_a_one_line_error(tmp_path):
     """A shard that lost or repeated a (question, sample) is refused on resume; nothing is
     sampled (no model needed) because every shard exists."""
@@ -222,7 +210,7 @@ def test_tampered_think_shard_is_a_one_line_error(tmp_path):
                            [rec("q0", 0), rec("q0", 1), rec("q1", 0), rec("q1", 0)])
     tio.write_jsonl_atomic(tmp_path / T.shard_name(1), [rec("q2", 0), rec("q2", 1)])
     with pytest.raises(TptError, match=r"samples-00000\.jsonl does not hold exactly samples 0\.\.1"):
-        T.think(None, None, _Tok(), qs, cfg, str(tmp_path), template="plain", source="m",
+        T.think(None, None, ByteTokenizer(), qs, cfg, str(tmp_path), template="plain", source="m",
                 progress=False)
     # a half-written shard (the temporary name of an atomic write) is removed, not read
     (tmp_path / ".samples-00002.jsonl.tmp-deadbeef").write_text('{"id": "q')
@@ -241,7 +229,7 @@ def test_long_prompts_policy_truncate_or_skip(tmp_path, caplog):
     # skip in a Think run: the long question gets no samples, the count is in think.json
     qs = [{"id": "long", "question": "x" * 200}, {"id": "long2", "question": "y" * 300}]
     cfg = ThinkConfig(n=2, shard_size=1, max_prompt_tokens=32, long_prompts="skip")
-    recs = T.think(None, None, _Tok(), qs, cfg, str(tmp_path), template="plain", progress=False)
+    recs = T.think(None, None, ByteTokenizer(), qs, cfg, str(tmp_path), template="plain", progress=False)
     assert recs == []
     manifest = json.loads((tmp_path / T.MANIFEST).read_text())
     assert manifest["long_prompts"] == "skip" and manifest["long_prompts_skipped"] == 2
@@ -249,7 +237,7 @@ def test_long_prompts_policy_truncate_or_skip(tmp_path, caplog):
     assert "2 of 2 prompts are longer than think.max_prompt_tokens 32 and were skipped" in caplog.text
     # the policy decides the samples: resuming the folder with the other one is refused
     with pytest.raises(TptError, match="long_prompts='skip'"):
-        T.think(None, None, _Tok(), qs, ThinkConfig(n=2, shard_size=1, max_prompt_tokens=32),
+        T.think(None, None, ByteTokenizer(), qs, ThinkConfig(n=2, shard_size=1, max_prompt_tokens=32),
                 str(tmp_path), template="plain", progress=False)
 
 

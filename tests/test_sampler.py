@@ -11,6 +11,7 @@ from tpt_jax import sampler as S
 from tpt_jax import weights
 from tpt_jax.config import MeshConfig, model_preset
 from tpt_jax.sharding import make_mesh
+from conftest import make_hf_checkpoint
 
 GREEDY = S.SamplingConfig(temperature=0.0, max_new_tokens=14)
 
@@ -59,24 +60,9 @@ def test_cache_decoding_matches_full_forward(tiny):
 
 @pytest.fixture(scope="module")
 def hf_varied(tmp_path_factory):
-    """A tiny random HF Gemma2 whose greedy continuations vary (small embeddings, so the
-    layers rather than the current token's embedding decide the next token); window 6."""
-    import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              query_pre_attn_scalar=16, sliding_window=6)
-    torch.manual_seed(0)
-    hf = Gemma2ForCausalLM(Gemma2Config(**kw)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
-            elif "embed" in name:
-                p.normal_(0.0, 0.02)
+    """A tiny random HF Gemma2 whose greedy continuations vary; window 6."""
     path = tmp_path_factory.mktemp("hf_varied")
-    hf.save_pretrained(path)
-    return str(path), hf
+    return str(path), make_hf_checkpoint(path, seed=0, embed_std=0.02)
 
 
 def test_greedy_matches_hf_generate(hf_varied):

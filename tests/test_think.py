@@ -2,26 +2,13 @@
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from tpt_jax import io as tio
 from tpt_jax import model as M
 from tpt_jax import think as T
 from tpt_jax.config import ThinkConfig, TptError, model_preset
-
-
-class ByteTokenizer:
-    """Characters as ids (byte + 3); Gemma's pad/eos/bos = 0/1/2. Enough for the sampler."""
-
-    vocab_size, pad_id, eos_id, bos_id = 256, 0, 1, 2
-
-    def encode(self, text, add_bos=False):
-        ids = [min(b, 252) + 3 for b in text.encode("ascii", "replace")]
-        return [self.bos_id] + ids if add_bos else ids
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids if i >= 3)
+from conftest import ByteTokenizer
 
 
 @pytest.fixture(scope="module")

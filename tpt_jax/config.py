@@ -509,7 +509,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"per_round: key {key!r} is not a round number in 0..{cfg.rounds}")
         round_config(cfg, r)  # raises on a bad key or value inside
     if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
-        raise ConfigError(f"eval.n must be >= 0 and eval.k a list of positive integers")
+        raise ConfigError("eval.n must be >= 0 and eval.k a list of positive integers")
     return cfg
 
 

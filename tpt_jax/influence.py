@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

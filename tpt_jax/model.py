@@ -12,7 +12,6 @@ Positions carry the padding: a token with position < 0 is padding and never atte
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional
 

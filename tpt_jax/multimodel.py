@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from tpt_jax import io as tio
 from tpt_jax.config import ModelConfig, PruneConfig, SourceConfig, TptError, model_preset
@@ -177,12 +177,8 @@ def plot_data_quality(rounds: Sequence[dict], out_path: str) -> str:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("data quality per source")
-    fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    from tpt_jax.report import save_png
+    return save_png(fig, out_path)
 
 
 # ----------------------------------------------------------------------------- round hooks

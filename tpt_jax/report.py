@@ -56,6 +56,13 @@ def plot(metrics: Sequence[dict], out_path: str, title: str = "Think, Prune, Tra
     ax.set_zorder(ax2.get_zorder() + 1)
     ax.patch.set_visible(False)
     ax.set_title(title)
+    return save_png(fig, out_path)
+
+
+def save_png(fig, out_path: str) -> str:
+    """Lay out, write atomically (temporary name, then rename), and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out_path + ".tmp.png"
     fig.savefig(tmp)

@@ -10,7 +10,6 @@ different ones is an error rather than a silent mix.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import re

@@ -38,7 +38,7 @@ from tpt_jax import faults, io, sft_data
 from tpt_jax.checkpoint import Checkpoints, abstract_like
 from tpt_jax.config import MeshConfig, TptError, TrainConfig
 from tpt_jax.loss import chunked_cross_entropy
-from tpt_jax.model import Gemma2, abstract_params, count_params, param_shardings
+from tpt_jax.model import Gemma2, abstract_params, param_shardings
 from tpt_jax.sharding import BATCH, TRAIN_RULES, make_mesh, mesh_axis_size, use_rules
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,11 @@ and the architecture are checked up front from metadata alone, with one-line err
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
