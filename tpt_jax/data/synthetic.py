@@ -38,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from tpt_jax.config import TptError
+
 MAX_STEPS = 3
 MAX_VALUE = 40
 MAX_START = 20
@@ -120,7 +122,7 @@ def _generate(stream: str, side: str, n: int, seed: int) -> list[dict]:
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:
-            raise RuntimeError(f"synthetic: could not draw {n} distinct {stream} questions")
+            raise TptError(f"synthetic: could not draw {n} distinct {stream} questions")
         p = make_problem(rng, rng.randint(1, MAX_STEPS))
         q = p["question"]
         if q in seen or _is_test(q) != (side == "test"):
@@ -147,12 +149,3 @@ def seed_solutions(n: int = 200, seed: int = 0) -> list[dict]:
     """Worked solutions for the round-0 fine-tune (the weak starting model)."""
     return synthetic_split("seed", n, seed)
 
-
-def tokenizer_corpus(seed: int = 0, n: int = 2000) -> list[str]:
-    """Text the builtin tokenizer is trained on: questions and solutions of every split."""
-    texts = []
-    for split in ("train", "test"):
-        for r in synthetic_split(split, n // 2, seed):
-            texts.append(r["question"])
-            texts.extend(r["answer"].split("\n"))
-    return texts
