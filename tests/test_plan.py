@@ -1,13 +1,13 @@
 """tpt plan: ahead-of-time per-device memory from XLA, checked against the shard arithmetic."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 
 import pytest
 
 from tpt_jax import plan as PL
-from tpt_jax.config import load_run_config, model_preset
+from tpt_jax.config import ConfigError, load_run_config, model_preset
 
 GiB = 1024 ** 3
 OVERRIDES = ["model=test-tiny", "dtype=bfloat16", "param_dtype=float32",
@@ -123,3 +123,46 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "divisible by the data-parallel size" in err and "Traceback" not in err
     assert cli.main(["plan", "tiny_cpu", "--devices", "0"]) == 2
+
+
+def test_tpu_topology_names_are_checked():
+    with pytest.raises(ConfigError, match="TYPE:AxB"):
+        PL.tpu_devices("v9z:2x4")
+    with pytest.raises(ConfigError, match="TYPE:AxB"):
+        PL.tpu_devices("v5e:two")
+
+
+def test_a_program_the_tpu_compiler_refuses_does_not_fit(monkeypatch):
+    """libtpu's compiler raises RESOURCE_EXHAUSTED for a program that cannot fit the HBM:
+    the plan records it as not fitting instead of failing (programs faked: no compile)."""
+    cfg = load_run_config("tiny_cpu", OVERRIDES)
+    fake_devices = PL.cpu_devices(4)
+    monkeypatch.setattr(PL, "tpu_devices", lambda topo: (fake_devices, "v5e", 16.0))
+
+    def refuse(*a):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                           "required for HLO temporaries (15.98G) exceeds available HBM (15.75G).")
+
+    train = {"program": "train", "total": 5 * GiB, "peak": 4 * GiB, "held": GiB,
+             "parts": {"params": GiB, "opt_state": 2 * GiB, "temp": GiB, "batch": 0},
+             "shape": {"batch_size": 4, "grad_accum": 1, "max_length": 32, "remat": "full"}}
+    monkeypatch.setattr(PL, "plan_train", lambda *a: dict(train))
+    monkeypatch.setattr(PL, "plan_sample", refuse)
+    plan = PL.make_plan(cfg, tpu="v5e:2x2")
+    assert plan["compiler"] == "tpu v5e:2x2" and plan["hbm_gib"] == {"v5e": 16.0}
+    assert plan["programs"]["train"]["fits"] == {"v5e": "yes"}
+    assert plan["programs"]["sample"]["total"] is None
+    assert "15.98G" in plan["programs"]["sample"]["error"]
+    assert plan["total"] is None and plan["fits"] == {"v5e": "no"}
+    text = PL.format_plan(plan)
+    assert "sample: does not compile: Ran out of memory" in text and "fits: none" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_tpu_compiler_plan(tiny_plan):
+    """With libtpu: the same tiny plan compiled by the TPU compiler for a v5e topology."""
+    cfg, cpu = tiny_plan
+    plan = PL.make_plan(cfg, tpu="v5e:2x2")
+    assert plan["devices"] == 4 and plan["fits"] == {"v5e": "yes"}
+    for name in ("train", "sample"):  # the shard sizes do not depend on the compiler
+        assert plan["programs"][name]["parts"]["params"] == cpu["programs"][name]["parts"]["params"]

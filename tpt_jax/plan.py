@@ -17,10 +17,13 @@ temporaries; the parameter, optimizer-state and KV-cache parts are the sizes of 
   rows x (max_prompt_tokens + max_new_tokens), and the temporaries. The round loop keeps the
   trainer's params alive meanwhile: `held`.
 
-Peak per device = arguments + outputs - aliased + temporaries + code. The temporaries come
-from XLA:CPU's buffer assignment: TPU's compiler fuses and schedules differently (and CPU
-computes some bf16 ops in f32), so treat them as an estimate; argument, output and state sizes
-are exact. "tight" means more than 90% of a chip's HBM (the runtime needs some for itself).
+Peak per device = arguments + outputs - aliased + temporaries + code. On CPU devices the
+temporaries come from XLA:CPU's buffer assignment, which overstates a TPU's: XLA:CPU runs bf16
+matmuls in f32 and keeps f32 copies of the bf16-cast weights (for Think, outside the decode
+loop: about the size of the f32 weights). Argument, output and state sizes are exact.
+`--tpu v5e:2x4` (any TYPE:topology libtpu knows) compiles with the real TPU compiler instead,
+on this machine, no TPU needed (libtpu must be installed): then the temporaries are the TPU's.
+"tight" means more than 90% of the device's HBM (the runtime needs some for itself).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ def memory_stats(compiled) -> dict:
 
 
 def fits(nbytes: int, hbm_gib: Optional[dict] = None) -> dict:
-    """{tpu type: "yes" | "tight" | "no"} for `nbytes` per chip."""
+    """{tpu type: "yes" | "tight" | "no"} for `nbytes` per device (HBM GiB per device)."""
     out = {}
     for name, gib in (hbm_gib or TPU_HBM_GIB).items():
         cap = gib * GiB
@@ -103,6 +106,37 @@ def cpu_devices(n: int) -> Optional[list]:
     except RuntimeError:
         return None
     return devices[:n] if len(devices) >= n else None
+
+
+def tpu_devices(topology: str) -> tuple[list, str, float]:
+    """Devices of a TPU topology such as "v5e:2x4" or "v5p:2x4x4", described (not attached) by
+    libtpu, so the real TPU compiler plans for it on a machine without TPUs. Returns (devices,
+    TPU type, HBM GiB per device)."""
+    import importlib.util
+    kind, _, shape = topology.partition(":")
+    try:
+        chips = math.prod(int(d) for d in shape.split("x"))
+    except ValueError:
+        chips = 0
+    if kind not in TPU_HBM_GIB or chips < 1:
+        raise ConfigError(f"--tpu must be TYPE:AxB[xC] with TYPE one of {', '.join(TPU_HBM_GIB)} "
+                          f"(e.g. v5e:2x4, v5p:2x4x4), got {topology!r}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise TptError("--tpu compiles with the TPU compiler in libtpu, which is not installed "
+                       "(pip install 'jax[tpu]'); without it, plan on CPU devices (--devices N)")
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")  # describe TPUs, never attach to (busy) ones
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off Cloud TPU
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans may run side by side
+    from jax.experimental import topologies
+    try:
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as e:  # libtpu rejects the name or the shape
+        raise TptError(f"libtpu cannot describe TPU topology {topology!r}: "
+                       f"{str(e).strip().splitlines()[0][:200]}") from None
+    return list(devices), kind, TPU_HBM_GIB[kind] * chips / len(devices)
 
 
 @contextlib.contextmanager
@@ -220,8 +254,7 @@ def _program(name: str, stats: dict, parts: dict, held: int, compile_s: float, *
     temp = stats["temp"]
     total = stats["peak"] + held
     return {"program": name, "xla": stats, "parts": {**parts, "temp": temp}, "peak": stats["peak"],
-            "held": held, "total": total, "fits": fits(total), "compile_s": round(compile_s, 1),
-            **extra}
+            "held": held, "total": total, "compile_s": round(compile_s, 1), **extra}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -247,45 +280,71 @@ def apply_shape_overrides(cfg: RunConfig, mesh: Optional[MeshConfig] = None,
     return dataclasses.replace(cfg, mesh=mesh or cfg.mesh, train=train, think=think)
 
 
-def make_plan(cfg: RunConfig, devices: int, programs: tuple = ("train", "sample")) -> dict:
-    """Compile the programs of `cfg` for `devices` CPU devices; returns the plan as JSON data."""
+def make_plan(cfg: RunConfig, devices: Optional[int] = None,
+              programs: tuple = ("train", "sample"), tpu: Optional[str] = None) -> dict:
+    """Compile the programs of `cfg` for `devices` CPU devices, or for the devices of TPU
+    topology `tpu` (e.g. "v5e:2x4", with libtpu's compiler); returns the plan as JSON data."""
     from tpt_jax.config import model_preset
     from tpt_jax.model import make_model
     from tpt_jax.sharding import make_mesh
 
-    devs = cpu_devices(devices)
-    if devs is None:
-        raise TptError(f"this process has fewer than {devices} CPU devices; set "
-                       f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before JAX "
-                       f"starts (the tpt plan command does this itself)")
+    if tpu:
+        devs, kind, hbm = tpu_devices(tpu)
+        if devices is not None and devices != len(devs):
+            raise ConfigError(f"--devices {devices} does not match TPU topology {tpu} "
+                              f"({len(devs)} devices)")
+        hbm_gib = {kind: hbm}
+    else:
+        devs = cpu_devices(devices)
+        if devs is None:
+            raise TptError(f"this process has fewer than {devices} CPU devices; set "
+                           f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before "
+                           f"JAX starts (the tpt plan command does this itself)")
+        hbm_gib = dict(TPU_HBM_GIB)
     mcfg = model_preset(cfg.model)
     mesh = make_mesh(cfg.mesh, devs)
     model = make_model(mcfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
-    out = {"model": cfg.model, "params": mcfg.param_count(), "devices": devices,
-           "mesh": dict(mesh.shape), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-           "hbm_gib": dict(TPU_HBM_GIB), "programs": {}}
+    out = {"model": cfg.model, "params": mcfg.param_count(), "devices": len(devs),
+           "compiler": f"tpu {tpu}" if tpu else "cpu", "mesh": dict(mesh.shape),
+           "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "hbm_gib": hbm_gib,
+           "programs": {}}
     for name in programs:
         t0 = time.perf_counter()
-        out["programs"][name] = (plan_train if name == "train" else plan_sample)(cfg, model, mesh)
+        try:
+            p = (plan_train if name == "train" else plan_sample)(cfg, model, mesh)
+            p["fits"] = fits(p["total"], hbm_gib)
+        except Exception as e:  # the TPU compiler refuses a program that cannot fit its HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            p = {"program": name, "total": None, "fits": {k: "no" for k in hbm_gib},
+                 "error": str(e).strip().splitlines()[0].split("RESOURCE_EXHAUSTED: ")[-1]}
+        out["programs"][name] = p
         log.info("%s: compiled in %.1f s", name, time.perf_counter() - t0)
-    worst = max(p["total"] for p in out["programs"].values())
-    out["total"] = worst
-    out["fits"] = fits(worst)
+    totals = [p["total"] for p in out["programs"].values()]
+    out["total"] = None if None in totals else max(totals)
+    out["fits"] = ({k: "no" for k in hbm_gib} if out["total"] is None
+                   else fits(out["total"], hbm_gib))
     return out
 
 
 def _unit(plan: dict) -> tuple[str, int]:
     """GiB, or MiB for plans too small to read in GiB (tiny test models)."""
-    return ("GiB", GiB) if plan["total"] >= GiB / 4 else ("MiB", 1024 ** 2)
+    small = plan["total"] is not None and plan["total"] < GiB / 4
+    return ("MiB", 1024 ** 2) if small else ("GiB", GiB)
 
 
 def format_plan(plan: dict) -> str:
     """Human-readable table: GiB per device for each program, and the TPU types it fits."""
     mesh = plan["mesh"]
+    compiler = plan.get("compiler", "cpu")
+    by = "XLA:CPU" if compiler == "cpu" else f"XLA:TPU for {compiler.split()[-1]}"
     lines = [f"{plan['model']} ({plan['params'] / 1e9:.2f}B params), {plan['devices']} devices, "
              f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, "
-             f"compute {plan['dtype']}, params {plan['param_dtype']}"]
+             f"compute {plan['dtype']}, params {plan['param_dtype']}, compiled by {by}"]
     for p in plan["programs"].values():
+        if "error" in p:
+            lines.append(f"  {p['program']}: does not compile: {p['error']}")
+            continue
         s = p["shape"]
         if p["program"] == "train":
             lines.append(f"  train: batch {s['batch_size']} (grad_accum {s['grad_accum']}) x "
@@ -298,9 +357,12 @@ def format_plan(plan: dict) -> str:
     unit, scale = _unit(plan)
     _gib = lambda n: f"{n / scale:.2f}"
     head = [f"{unit}/device", "params", "opt state", "KV cache", "temp", "peak", "+held", "total",
-            *[f"{n} {plan['hbm_gib'][n]}G" for n in names]]
+            *[f"{n} {plan['hbm_gib'][n]:g}G" for n in names]]
     rows = []
     for p in plan["programs"].values():
+        if "error" in p:
+            rows.append([p["program"], *["-"] * 7, *[p["fits"][n] for n in names]])
+            continue
         parts = p["parts"]
         rows.append([p["program"], _gib(parts["params"]),
                      _gib(parts["opt_state"]) if "opt_state" in parts else "-",
@@ -324,8 +386,11 @@ def add_cli(parser) -> None:
     parser.add_argument("config", help="run config YAML (path or name in configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.remat=dots think.batch_size=64")
-    parser.add_argument("--devices", type=int, required=True,
-                        help="number of devices (chips) to plan for; simulated on CPU")
+    parser.add_argument("--devices", type=int,
+                        help="number of devices (chips) to plan for, simulated on CPU")
+    parser.add_argument("--tpu", metavar="TOPOLOGY",
+                        help="plan with the TPU compiler for a topology, e.g. v5e:2x4, v6e:4x8, "
+                        "v5p:2x4x4 (needs libtpu: pip install 'jax[tpu]'; no TPU needed)")
     parser.add_argument("--mesh", help="data,fsdp,tensor sizes (-1 = the rest); default: the "
                         "config's mesh")
     parser.add_argument("--batch", type=int, help="train batch size (default: train.batch_size)")
@@ -339,7 +404,7 @@ def add_cli(parser) -> None:
 def _argv(args) -> list[str]:
     """The command line of `args`, to run the same plan in a fresh process."""
     argv = ["plan", args.config, *args.overrides, "--devices", str(args.devices)]
-    for name in ("mesh", "batch", "seq", "rows", "only"):
+    for name in ("tpu", "mesh", "batch", "seq", "rows", "only"):
         if getattr(args, name) is not None:
             argv += [f"--{name}", str(getattr(args, name))]
     return argv + (["--json"] if args.json else [])
@@ -349,12 +414,14 @@ def _cli(args) -> int:
     from tpt_jax.config import load_run_config
     from tpt_jax.sampler import parse_mesh
 
-    if args.devices < 1:
+    if args.devices is None and not args.tpu:
+        raise ConfigError("give --devices N (CPU devices) or --tpu TOPOLOGY")
+    if args.devices is not None and args.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {args.devices}")
     cfg = load_run_config(args.config, list(args.overrides))
     cfg = apply_shape_overrides(cfg, parse_mesh(args.mesh) if args.mesh else None, args.batch,
                                 args.seq, args.rows)
-    if cpu_devices(args.devices) is None:
+    if not args.tpu and cpu_devices(args.devices) is None:
         if os.environ.get(_CHILD_ENV):
             raise TptError(f"could not get {args.devices} CPU devices")
         env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
@@ -363,6 +430,7 @@ def _cli(args) -> int:
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
                                              f"{args.devices}"])
         return subprocess.call([sys.executable, "-m", "tpt_jax.cli", *_argv(args)], env=env)
-    plan = make_plan(cfg, args.devices, (args.only,) if args.only else ("train", "sample"))
+    plan = make_plan(cfg, args.devices, (args.only,) if args.only else ("train", "sample"),
+                     tpu=args.tpu)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
