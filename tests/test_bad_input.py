@@ -17,7 +17,7 @@ from conftest import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # small enough that a case which does get past the config reaches its error quickly
-TINY = ["model=test-tiny", "rounds=1", "data.synthetic_train=8", "data.synthetic_test=8",
+TINY = ["per_round={}", "model=test-tiny", "rounds=1", "data.synthetic_train=8", "data.synthetic_test=8",
         "data.seed_size=8", "think.n=1", "train.batch_size=8"]
 
 

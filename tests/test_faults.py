@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # does not change what this test costs: 32 seed examples (4 train steps of 8, checkpoints at
 # steps 2 and 4), 32 training questions x 2 samples in 4 Think shards, 16 eval questions in
 # 2 shards.
-OVERRIDES = [
+OVERRIDES = ["per_round={}", 
     "model=test-tiny", "rounds=1", "data.synthetic_train=32", "data.synthetic_test=16",
     "data.seed_size=32", "think.n=2", "think.batch_size=16", "think.shard_size=8",
     "think.max_new_tokens=24", "think.max_prompt_tokens=96", "eval.n=0", "eval.limit=null",

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # Everything that decides the result is pinned here, so tuning tiny_cpu does not move it.
-OVERRIDES = [
+OVERRIDES = ["per_round={}", 
     "model=test-tiny", "prompt=plain", "rounds=1", "init_from=previous", "seed=0",
     "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1",
     "data.source=jsonl", "data.train_limit=null", "data.test_limit=null",

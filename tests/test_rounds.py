@@ -7,7 +7,7 @@ from tpt_jax import rounds
 from tpt_jax.config import load_run_config
 from conftest import GSM8K_DIR
 
-TINY = ["model=test-tiny", "data.source=synthetic", "data.synthetic_train=24",
+TINY = ["per_round={}", "model=test-tiny", "data.source=synthetic", "data.synthetic_train=24",
         "data.synthetic_test=12", "data.seed_size=24", "think.n=2", "think.max_new_tokens=24",
         "think.batch_size=16", "eval.n=2", "eval.k=[1, 2]", "eval.max_new_tokens=24",
         "train.batch_size=8", "train.max_length=96", "train.learning_rate=1e-3",

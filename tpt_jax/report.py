@@ -10,9 +10,10 @@ def _pct(x: Optional[float]) -> str:
 
 
 def table(metrics: Sequence[dict]) -> str:
-    """Rounds as rows: greedy Pass@1, sampled pass@k, training examples, coverage, time."""
+    """Rounds as rows: greedy Pass@1 (`greedy@1`), sampled pass@k, training examples kept,
+    coverage of the training questions, wall time."""
     ks = sorted({k for m in metrics for k in (m.get("pass@k") or {})}, key=int)
-    head = ["round", "pass@1"] + [f"pass@{k}" for k in ks] + ["train ex", "coverage", "wall s"]
+    head = ["round", "greedy@1"] + [f"pass@{k}" for k in ks] + ["train ex", "coverage", "wall s"]
     rows = [head]
     for m in metrics:
         rows.append([str(m["round"]), _pct(m.get("pass@1"))]
