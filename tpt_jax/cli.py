@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize()  # before any other JAX use; a no-op on one process
         distributed.setup_logging(force=True)  # every line carries [pN], its process
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+        # Orbax's background readers log an unread task exception after we have already
+        # caught the error and reported it in one line.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         # `tpt --help` lists commands without importing their modules.
         parser = build_parser(only=chosen or "")
         args = parser.parse_args(argv)
