@@ -10,7 +10,7 @@ from tpt_jax import plan as PL
 from tpt_jax.config import ConfigError, load_run_config, model_preset
 
 GiB = 1024 ** 3
-OVERRIDES = ["model=test-tiny", "dtype=bfloat16", "param_dtype=float32",
+OVERRIDES = ["per_round={}", "model=test-tiny", "dtype=bfloat16", "param_dtype=float32",
              "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
              "train.batch_size=4", "train.grad_accum=1", "train.max_length=32",
              "train.remat=full", "think.batch_size=8", "think.n=2",

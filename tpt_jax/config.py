@@ -81,10 +81,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                         num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32.0),
     "small": ModelConfig(vocab_size=8192, embed_dim=512, hidden_dim=2048, num_layers=4, num_heads=8,
                          num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64.0),
-    # The built-in CPU default's model (configs/tiny_cpu.yaml): 0.3M parameters.
-    "cpu-tiny": ModelConfig(vocab_size=256, embed_dim=96, hidden_dim=384, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=24, query_pre_attn_scalar=24.0,
-                            sliding_window=128),
+    # The built-in CPU default's model (configs/tiny_cpu.yaml): 0.16M parameters, 4 layers.
+    "cpu-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
+                            num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
+                            sliding_window=8),
     # CPU test shapes: every sharded dimension divides by 8.
     "test-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
                              num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
