@@ -445,6 +445,19 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def validate_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int,
+                      where: str = "") -> None:
+    """How tokens are drawn: the checks shared by ThinkConfig and the sampler's own config."""
+    if temperature < 0:
+        raise ConfigError(f"{where}temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"{where}top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{where}top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"{where}max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def validate_run(cfg: RunConfig) -> RunConfig:
     """Cross-field checks that a type check cannot express."""
     if cfg.model not in MODEL_PRESETS and cfg.checkpoint is None:
@@ -466,15 +479,10 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     t = cfg.think
     if t.n < 1:
         raise ConfigError(f"think.n must be >= 1, got {t.n}")
-    if t.temperature < 0:
-        raise ConfigError(f"think.temperature must be >= 0, got {t.temperature}")
-    if not 0 < t.top_p <= 1:
-        raise ConfigError(f"think.top_p must be in (0, 1], got {t.top_p}")
-    if t.max_new_tokens < 1 or t.batch_size < 1 or t.shard_size < 1:
-        raise ConfigError("think.max_new_tokens, think.batch_size and think.shard_size must be >= 1")
-    if t.top_k < 0 or t.max_prompt_tokens < 1:
-        raise ConfigError(f"think.top_k must be >= 0 (0 = off) and think.max_prompt_tokens >= 1, "
-                          f"got {t.top_k} and {t.max_prompt_tokens}")
+    validate_sampling(t.temperature, t.top_k, t.top_p, t.max_new_tokens, "think.")
+    if t.batch_size < 1 or t.shard_size < 1 or t.max_prompt_tokens < 1:
+        raise ConfigError("think.batch_size, think.shard_size and think.max_prompt_tokens must be "
+                          f">= 1, got {t.batch_size}, {t.shard_size} and {t.max_prompt_tokens}")
     if t.long_prompts not in LONG_PROMPTS:
         raise ConfigError(f"think.long_prompts must be truncate or skip, got {t.long_prompts!r}")
     if any(not isinstance(s, str) or not s for s in t.stop):

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpt_jax import model as M
-from tpt_jax.config import ConfigError
+from tpt_jax.config import ConfigError, validate_sampling
 from tpt_jax.sharding import SAMPLE_RULES, constrain, logical_to_spec, use_rules
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,7 @@ class SamplingConfig:
     max_new_tokens: int = 256
 
     def validate(self) -> "SamplingConfig":
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         return self
 
 
