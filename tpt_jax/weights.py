@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -343,8 +344,24 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, dtype: str = "float32",
 # ----------------------------------------------------------------------------- Orbax params
 
 
+FILES = "files.json"  # {relative path: size} of every file under params/, written last
+
+
+def _file_sizes(root: epath.Path, prefix: str = "") -> dict[str, int]:
+    """Sizes of all files under root, by relative path (a walk by hand: epath has no `**` glob
+    for gs:// paths)."""
+    sizes: dict[str, int] = {}
+    for p in root.iterdir():
+        if p.is_dir():
+            sizes.update(_file_sizes(p, f"{prefix}{p.name}/"))
+        else:
+            sizes[prefix + p.name] = p.stat().length
+    return sizes
+
+
 def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
-    """Params-only Orbax checkpoint plus model.json (the model config)."""
+    """Params-only Orbax checkpoint plus model.json (the model config) and files.json (the size
+    of every file written), so a damaged checkpoint is caught before Orbax reads it."""
     import orbax.checkpoint as ocp
     target = io.path(out_dir)
     if not io.is_remote(out_dir):
@@ -355,6 +372,22 @@ def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
     faults.point("params-saved")
     if jax.process_index() == 0:
         io.write_json_atomic(target / "model.json", dataclasses.asdict(cfg))
+        io.write_json_atomic(target / FILES, _file_sizes(target / "params"))
+
+
+def check_files(ckpt_dir: str) -> None:
+    """Compare the files under params/ with files.json; a missing or cut file is a one-line
+    error here rather than a storm of asyncio tracebacks from inside Orbax's reader."""
+    target = io.path(ckpt_dir)
+    if not (target / FILES).exists():
+        return  # written by an older version or another tool: nothing to compare with
+    want = io.read_json(target / FILES)
+    got = _file_sizes(target / "params")
+    for name, size in sorted(want.items()):
+        if name not in got:
+            raise TptError(f"{ckpt_dir}: params/{name} is missing")
+        if got[name] != size:
+            raise TptError(f"{ckpt_dir}: params/{name} has {got[name]} bytes, expected {size}")
 
 
 def load_params(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
@@ -363,6 +396,7 @@ def load_params(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
     target = io.path(ckpt_dir if io.is_remote(ckpt_dir) else os.path.abspath(ckpt_dir))
     if not (target / "params").exists():
         raise TptError(f"{ckpt_dir}: no Orbax params checkpoint (expected {ckpt_dir}/params)")
+    check_files(ckpt_dir)
     abstract = abstract_params(model)
     if mesh is not None:
         shardings = param_shardings(model, mesh, rules)
