@@ -239,10 +239,10 @@ def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
     ks, vs = [], []
     for layer, bp in enumerate(sp["blocks"]):
         block = M.Block(cfg, layer % 2 == 0, dt, model.param_dtype)
-        kv = (cache.k[layer][None], cache.v[layer][None], key_pos)
+        kv = (cache.k[layer], cache.v[layer], key_pos)  # no layer axis: updated in place
         x, (k, v, _) = block.apply({"params": bp}, x, positions, None, kv, 0, index)
-        ks.append(k[0])
-        vs.append(v[0])
+        ks.append(k)
+        vs.append(v)
     x = M.RMSNorm(cfg.rms_norm_eps, model.param_dtype).apply({"params": sp["final_norm"]}, x)
     return x, LayerCache(k=tuple(ks), v=tuple(vs), pos=key_pos)
 
