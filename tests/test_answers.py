@@ -1,5 +1,6 @@
 """Answer extraction, gold parsing, verification and the calculator check, on hand-checked cases."""
 import random
+import warnings
 
 import pytest
 
@@ -167,6 +168,15 @@ CALC = [
 @pytest.mark.parametrize("body,want", CALC)
 def test_annotation(body, want):
     assert annotation_ok(body) is want
+
+
+def test_junk_annotation_is_wrong_and_quiet():
+    """Model text such as `2 if 1` (a number run into a keyword once spaces go) is wrong, and
+    no SyntaxWarning is printed on the way (Prune wrote `<unknown>:1: SyntaxWarning` to stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert annotation_ok("2 if 1=2") is False
+    assert not [w for w in caught if issubclass(w.category, SyntaxWarning)]
 
 
 def test_calculator_errors_lists_the_wrong_ones():
