@@ -76,6 +76,15 @@ def test_plot_and_config(tmp_path):
         load_run_config(None, ["sources.pool=mixed"])
 
 
+def test_a_fixed_source_draws_new_samples_each_round():
+    """Another model's weights do not change between rounds, so its Think seed must: round 1
+    keeps think.seed, later rounds get seeds of their own."""
+    cfg = load_run_config("wc_vs_se_gsm8k", ["think.seed=5"])
+    tcfgs = [MM.source_think_config(cfg, 10, r) for r in (1, 2, 3)]
+    assert tcfgs[0].seed == 5 and len({t.seed for t in tcfgs}) == 3
+    assert {t.n for t in tcfgs} == {10} and tcfgs[0].temperature == cfg.think.temperature
+
+
 def test_round_with_synthesis_influence_and_a_second_model(tmp_path):
     """One round of `tpt run` with every extra stage on: synthesize (before Think), a second
     (random tiny) model sampling next to the trained one, pooled Prune, the influence step,

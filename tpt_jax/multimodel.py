@@ -76,13 +76,21 @@ def load_source(src: SourceConfig, cfg, mesh, seed: int):
                                 sharding.TRAIN_RULES)
 
 
+def source_think_config(rc, n: int, r: int):
+    """Round r's Think settings for another model: n samples per question, and a seed that
+    changes with the round. A source's weights are fixed for the whole run, and a sample's
+    randomness is (seed, question id, sample index), so with think.seed every round it would
+    draw the very same samples again; round 1 uses think.seed, round r think.seed + 1000 (r-1)."""
+    return dataclasses.replace(rc.think, n=n, seed=rc.think.seed + 1000 * (r - 1))
+
+
 def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -> dict:
     """Think with every extra source into `samples_root/<name>/` (resumable like Think)."""
     from tpt_jax import think
     counts = samples_per_source(rc, s.model.cfg)
     for src in rc.sources.models:
         model, params = load_source(src, rc, s.mesh, rc.seed + 1 + r)
-        tcfg = dataclasses.replace(rc.think, n=counts[src.name])
+        tcfg = source_think_config(rc, counts[src.name], r)
         think.think(params, model, s.tokenizer, questions, tcfg,
                     os.path.join(samples_root, src.name), s.mesh, template=rc.prompt,
                     shots=s.shots, source=src.name)
