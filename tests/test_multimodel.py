@@ -85,6 +85,21 @@ def test_a_fixed_source_draws_new_samples_each_round():
     assert {t.n for t in tcfgs} == {10} and tcfgs[0].temperature == cfg.think.temperature
 
 
+def test_weak_to_strong_cpu_config():
+    """configs/weak_to_strong_cpu.yaml: the CPU default's strong model trained only on a fixed
+    weak source, 9 compute-matched samples for the strong model's 4, new samples each round."""
+    cfg = load_run_config("weak_to_strong_cpu")
+    default = load_run_config("tiny_cpu")
+    assert (cfg.model, cfg.think, cfg.train, cfg.prune, cfg.eval, cfg.data, cfg.per_round) == (
+        default.model, default.think, default.train, default.prune, default.eval, default.data,
+        default.per_round)  # round 0 is the self-improvement arm's
+    assert not cfg.sources.self and cfg.sources.pool == "separate"
+    (weak,) = cfg.sources.models
+    assert (weak.model, weak.n) == ("cpu-tiny-weak", None)
+    weak.checkpoint = None  # (written by the weak run) its preset gives the size
+    assert MM.samples_per_source(cfg, model_preset(cfg.model)) == {"weak": 9}
+
+
 def test_round_with_synthesis_influence_and_a_second_model(tmp_path):
     """One round of `tpt run` with every extra stage on: synthesize (before Think), a second
     (random tiny) model sampling next to the trained one, pooled Prune, the influence step,

@@ -85,6 +85,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "cpu-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
                             num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
                             sliding_window=8),
+    # Its weaker, cheaper sibling (configs/weak_to_strong_cpu.yaml): same tokenizer and width, 2
+    # layers, MLP 64; 66K parameters (0.40x), so compute-matching gives it 9 samples per 4.
+    "cpu-tiny-weak": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, head_dim=16,
+                                 query_pre_attn_scalar=16.0, sliding_window=8),
     # CPU test shapes: every sharded dimension divides by 8.
     "test-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
                              num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
