@@ -1,13 +1,30 @@
 """Configs: YAML + dotted overrides, and a corpus of malformed configs, each with its clear
 one-line error naming the key."""
+from pathlib import Path
+
 import pytest
 
 from tpt_jax.config import (ConfigError, RunConfig, apply_overrides, fingerprint, from_dict,
-                            load_run_config, validate_run)
+                            load_run_config, model_preset, round_config, validate_run)
 
 
 def test_defaults_are_valid():
     validate_run(RunConfig())
+
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    """Each file in configs/ parses, names only known keys, and passes validation in every
+    round (per_round overrides included); its model is a preset unless it names a checkpoint."""
+    cfg = load_run_config(str(path))
+    assert cfg.rounds >= 0
+    for r in range(cfg.rounds + 1):
+        validate_run(round_config(cfg, r))
+    if not cfg.checkpoint:
+        model_preset(cfg.model)
 
 
 def test_overrides_parse_yaml_values():
