@@ -73,6 +73,10 @@ RUN_CASES = [
     (["tokenizer=@HF300"], r"has 300 tokens but model\.vocab_size is 256"),
     (["data.source=jsonl", "data.train_path=@BAD", "data.test_path=@BAD"],
      r"no usable|no questions|no records"),
+    # a source model's checkpoint that is not there: found before round 0 trains
+    (["sources.models=[{name: weak, checkpoint: no/such/dir}]"],
+     r"sources\.models\[0\] \(weak\): checkpoint no/such/dir \(relative to .*\) has neither "
+     r"model\.json"),
 ]
 
 

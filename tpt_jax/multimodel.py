@@ -44,6 +44,23 @@ def source_model_config(src: SourceConfig) -> ModelConfig:
     return model_preset(src.model)
 
 
+def check_source_checkpoints(cfg) -> None:
+    """Fail before round 0, not when the first round reaches Think: every source checkpoint of
+    every round must be an Orbax params dir (model.json) or an HF dir (config.json)."""
+    from tpt_jax.config import round_config
+    for r in range(1, cfg.rounds + 1):
+        for i, src in enumerate(round_config(cfg, r).sources.models):
+            if not src.checkpoint:
+                continue
+            root = tio.path(src.checkpoint)
+            if not ((root / "model.json").exists() or (root / "config.json").exists()):
+                where = "" if tio.is_remote(src.checkpoint) or os.path.isabs(src.checkpoint) \
+                    else f" (relative to {os.getcwd()})"
+                raise TptError(f"sources.models[{i}] ({src.name}): checkpoint {src.checkpoint}"
+                               f"{where} has neither model.json (Orbax params) nor config.json "
+                               f"(HF)")
+
+
 def matched_samples(think_n: int, trained: ModelConfig, source: ModelConfig) -> int:
     """Compute-matched samples per question for `source` (at least 1)."""
     from tpt_jax.planner import compute_matched_samples

@@ -52,6 +52,8 @@ def setup(cfg: RunConfig) -> Setup:
     from tpt_jax.train import check_batch
     for r in range(cfg.rounds + 1):  # a batch that cannot split over the devices fails now
         check_batch(round_config(cfg, r).train, mesh)
+    from tpt_jax.multimodel import check_source_checkpoints
+    check_source_checkpoints(cfg)
     model_cfg = model_preset(cfg.model)
     if cfg.checkpoint:
         from tpt_jax.weights import read_hf_config
