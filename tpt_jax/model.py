@@ -145,18 +145,21 @@ class Attention(nn.Module):
             key_pos, new_kv = positions, None
         else:  # write this step's keys into the carried cache in place, attend over it
             k_all, v_all, key_pos = kv
-            if k_all.ndim == 4:  # one layer's cache [B, K, S, H] (the sampler's layout)
-                put = lambda c, x: jax.lax.dynamic_update_slice(
-                    c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, cache_index, 0))
-                k_all, v_all = put(k_all, k), put(v_all, v)
-                k, v = k_all.astype(dt), v_all.astype(dt)
-            else:  # all layers [L, B, K, S, H] (the scanned model)
-                at = (layer, 0, 0, cache_index, 0)
-                put = lambda c, x: jax.lax.dynamic_update_slice(
-                    c, jnp.swapaxes(x, 1, 2)[None].astype(c.dtype), at)
-                k_all, v_all = put(k_all, k), put(v_all, v)
-                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+            # all layers [L, B, K, S, H] (the scanned model) or one layer's [B, K, S, H] (the
+            # sampler: no layer axis to add and drop, which made XLA copy the cache every step)
+            stacked = k_all.ndim == 5
+            at = ((layer,) if stacked else ()) + (0, 0, cache_index, 0)
+
+            def put(c, x):
+                x = jnp.swapaxes(x, 1, 2).astype(c.dtype)
+                return jax.lax.dynamic_update_slice(c, x[None] if stacked else x, at)
+
+            def read(c):
+                c = jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) if stacked else c
+                return c.astype(dt)
+
+            k_all, v_all = put(k_all, k), put(v_all, v)
+            k, v = read(k_all), read(v_all)
             new_kv = (k_all, v_all, key_pos)
         kp = key_pos[:, None, :]
         mask = (kp >= 0) & (kp <= qp)  # [B, T, S]
