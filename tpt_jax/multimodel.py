@@ -35,30 +35,30 @@ log = logging.getLogger(__name__)
 def source_model_config(src: SourceConfig) -> ModelConfig:
     """The source's architecture: its checkpoint's (HF config.json or Orbax model.json), else
     its preset."""
-    if src.checkpoint:
-        from tpt_jax import weights
-        root = tio.path(src.checkpoint)
-        if (root / "model.json").exists():
-            return weights.read_model_json(src.checkpoint)
+    if not src.checkpoint:
+        return model_preset(src.model)
+    from tpt_jax import weights
+    root = tio.path(src.checkpoint)
+    if (root / "model.json").exists():
+        return weights.read_model_json(src.checkpoint)
+    if (root / "config.json").exists():
         return weights.read_hf_config(src.checkpoint)
-    return model_preset(src.model)
+    where = "" if tio.is_remote(src.checkpoint) or os.path.isabs(src.checkpoint) \
+        else f" (relative to {os.getcwd()})"
+    raise TptError(f"checkpoint {src.checkpoint}{where} has neither model.json (Orbax params) "
+                   f"nor config.json (HF)")
 
 
 def check_source_checkpoints(cfg) -> None:
-    """Fail before round 0, not when the first round reaches Think: every source checkpoint of
-    every round must be an Orbax params dir (model.json) or an HF dir (config.json)."""
+    """Fail before round 0, not when the first round reaches Think: every source of every
+    round must have a readable architecture (`source_model_config`)."""
     from tpt_jax.config import round_config
     for r in range(1, cfg.rounds + 1):
         for i, src in enumerate(round_config(cfg, r).sources.models):
-            if not src.checkpoint:
-                continue
-            root = tio.path(src.checkpoint)
-            if not ((root / "model.json").exists() or (root / "config.json").exists()):
-                where = "" if tio.is_remote(src.checkpoint) or os.path.isabs(src.checkpoint) \
-                    else f" (relative to {os.getcwd()})"
-                raise TptError(f"sources.models[{i}] ({src.name}): checkpoint {src.checkpoint}"
-                               f"{where} has neither model.json (Orbax params) nor config.json "
-                               f"(HF)")
+            try:
+                source_model_config(src)
+            except TptError as e:
+                raise TptError(f"sources.models[{i}] ({src.name}): {e}") from None
 
 
 def matched_samples(think_n: int, trained: ModelConfig, source: ModelConfig) -> int:
