@@ -52,7 +52,7 @@ def round_table(label, metrics):
 
 def kept_false_positive(run, r):
     """Share of the round's kept training examples with a wrong `<<a op b=c>>` annotation."""
-    from tpt_jax.answers import calculator_ok
+    from tpt_jax.stages.answers import calculator_ok
     with open(os.path.join(run, f"r{r:02d}", "train.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return sum(not calculator_ok(x["completion"]) for x in rows) / max(1, len(rows))

@@ -41,7 +41,7 @@ def make_examples(n: int, seed: int = 0, prompt_len: int = 6, completion_len: in
 
 def tiny_model(preset: str = "test-tiny", dtype: str = "float32"):
     from tpt_jax.config import model_preset
-    from tpt_jax.model import make_model
+    from tpt_jax.gemma.model import make_model
     return make_model(model_preset(preset), dtype=dtype)
 
 
@@ -53,9 +53,9 @@ def run_from_json(spec: dict):
     import jax
 
     from tpt_jax.config import MeshConfig, TrainConfig
-    from tpt_jax.model import init_params
-    from tpt_jax.sharding import TRAIN_RULES, make_mesh
-    from tpt_jax.train import train
+    from tpt_jax.gemma.model import init_params
+    from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
+    from tpt_jax.stages.train import train
 
     cfg = TrainConfig(**spec["train"])
     model = tiny_model()

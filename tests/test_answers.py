@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 
-from tpt_jax import answers
-from tpt_jax.answers import (annotation_ok, calculator_errors, clean_answer, edit_distance,
+from tpt_jax.stages import answers
+from tpt_jax.stages.answers import (annotation_ok, calculator_errors, clean_answer, edit_distance,
                              equations_key, extract_answer, is_correct, parse_gold, text_key,
                              to_number)
 

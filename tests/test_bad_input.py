@@ -97,7 +97,7 @@ def test_run_cli_one_line_errors(tmp_path, capsys, overrides, pattern):
 
 def test_run_dir_lock_corrupt_state_and_foreign_state(tmp_path, capsys):
     from tpt_jax.config import load_run_config
-    from tpt_jax.rundir import RunDir
+    from tpt_jax.loop.rundir import RunDir
     out = tmp_path / "run"
     cfg = load_run_config(None, TINY)
     # a second run on a directory in use: refused before it reads or writes anything there
@@ -188,7 +188,7 @@ def test_prune_cli_bad_strategy_and_missing_samples(tmp_path, capsys):
 
 
 def test_training_examples_missing_fields_are_counted(tmp_path, caplog):
-    from tpt_jax.train import _read_examples
+    from tpt_jax.stages.train import _read_examples
     f = tmp_path / "ex.jsonl"
     f.write_text("\n".join([json.dumps({"prompt": "p", "completion": "c"}),
                             json.dumps({"prompt": "p"}), json.dumps({"completion": "c"}),
@@ -202,7 +202,7 @@ def test_training_examples_missing_fields_are_counted(tmp_path, caplog):
 def test_tampered_think_shard_is_a_one_line_error(tmp_path):
     """A shard that lost or repeated a (question, sample) is refused on resume; nothing is
     sampled (no model needed) because every shard exists."""
-    from tpt_jax import think as T
+    from tpt_jax.stages import think as T
     from tpt_jax.config import ThinkConfig
     qs = [{"id": f"q{i}", "question": f"What is {i}?"} for i in range(3)]
     cfg = ThinkConfig(n=2, shard_size=2, max_prompt_tokens=64)
@@ -223,7 +223,7 @@ def test_tampered_think_shard_is_a_one_line_error(tmp_path):
 
 
 def test_long_prompts_policy_truncate_or_skip(tmp_path, caplog):
-    from tpt_jax import think as T
+    from tpt_jax.stages import think as T
     from tpt_jax.config import ThinkConfig
     enc = [[2, 5, 6], [2, 5, 6, 7, 8, 9, 10], [2, 9]]
     got, long_idx = T.fit_prompts(enc, 4, "truncate")
@@ -252,8 +252,8 @@ def test_long_prompts_policy_truncate_or_skip(tmp_path, caplog):
 def saved_params(tmp_path_factory):
     import jax
 
-    from tpt_jax import model as M
-    from tpt_jax import weights
+    from tpt_jax.gemma import model as M
+    from tpt_jax.gemma import weights
     from tpt_jax.config import model_preset
     model = M.make_model(model_preset("test-tiny"))
     params = M.init_params(model, jax.random.key(0))
@@ -294,7 +294,7 @@ def _damaged(src: Path, dst: Path, how: str) -> Path:
     ("truncate-no-sizes", r"cannot restore params"),
 ])
 def test_damaged_round_params_one_line_error(saved_params, tmp_path, capfd, how, pattern):
-    from tpt_jax import weights
+    from tpt_jax.gemma import weights
     src, model = saved_params
     d = _damaged(src, tmp_path / "p", how)
     with pytest.raises(TptError, match=pattern) as info:
@@ -323,10 +323,10 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     sys.path.insert(0, str(Path(__file__).parent))
     from sft_helpers import CharTokenizer, make_examples, tiny_model
 
-    from tpt_jax import model as M
-    from tpt_jax.checkpoint import Checkpoints
+    from tpt_jax.gemma import model as M
+    from tpt_jax.gemma.checkpoint import Checkpoints
     from tpt_jax.config import TrainConfig
-    from tpt_jax.train import train
+    from tpt_jax.stages.train import train
     import jax
     model = tiny_model()
     params = M.init_params(model, jax.random.key(0))

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sft_helpers import run_from_json
-from tpt_jax.checkpoint import Checkpoints, abstract_like
+from tpt_jax.gemma.checkpoint import Checkpoints, abstract_like
 from tpt_jax.config import TptError
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_helpers.py")
@@ -80,7 +80,7 @@ def test_corrupt_latest_falls_back_to_previous(uninterrupted, tmp_path, caplog):
     ckpt_dir = out / "checkpoints"
     assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [4, 6]
     _corrupt(ckpt_dir / "6")
-    with caplog.at_level(logging.WARNING, logger="tpt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="tpt_jax.gemma.checkpoint"):
         params, m = run_from_json(spec(out))
     assert any("step 6" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
     assert (ckpt_dir / "6.corrupt").exists()

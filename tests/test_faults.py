@@ -126,8 +126,8 @@ def _samples(folder: Path) -> list[dict]:
 
 
 def _params(folder: Path):
-    from tpt_jax import model as M
-    from tpt_jax import weights
+    from tpt_jax.gemma import model as M
+    from tpt_jax.gemma import weights
     from tpt_jax.config import model_preset
     tree = weights.load_params(str(folder), M.make_model(model_preset("test-tiny")))
     import jax

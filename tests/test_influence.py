@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from sft_helpers import CharTokenizer, tiny_model
-from tpt_jax import influence as I
-from tpt_jax import sft_data
+from tpt_jax.methods import influence as I
+from tpt_jax.stages import sft_data
 from tpt_jax.config import ConfigError, MeshConfig, PruneConfig, validate_prune
-from tpt_jax.model import init_params
-from tpt_jax.sharding import TRAIN_RULES, make_mesh
+from tpt_jax.gemma.model import init_params
+from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
 
 CFG = PruneConfig(strategy="first-correct+influence", influence_dim=64, influence_batch=8,
                   influence_fraction=0.25)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tpt_jax.metrics import default_ks, diversity_at_k, maj_at_k, mean_pass_at_k, pass_at_k, summarize
+from tpt_jax.stages.metrics import default_ks, diversity_at_k, maj_at_k, mean_pass_at_k, pass_at_k, summarize
 
 
 def _brute_pass_at_k(n, c, k):

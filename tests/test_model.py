@@ -5,9 +5,9 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
-from tpt_jax import model as M
-from tpt_jax import sharding as S
-from tpt_jax import weights
+from tpt_jax.gemma import model as M
+from tpt_jax.gemma import sharding as S
+from tpt_jax.gemma import weights
 from tpt_jax.config import MODEL_PRESETS, MeshConfig, model_preset
 
 

@@ -2,7 +2,7 @@
 example's provenance, separate pruning, the data-quality report and its plot, config checks."""
 import pytest
 
-from tpt_jax import multimodel as MM
+from tpt_jax.methods import multimodel as MM
 from tpt_jax.config import ConfigError, PruneConfig, load_run_config, model_preset
 
 DATASET = [{"id": "q1", "question": "1+1?", "answer": "2"},
@@ -107,7 +107,7 @@ def test_round_with_synthesis_influence_and_a_second_model(tmp_path):
     import json
 
     from test_rounds import TINY
-    from tpt_jax import rounds
+    from tpt_jax.loop import rounds
 
     cfg = load_run_config(None, TINY + [
         "rounds=1", "eval.n=0", "eval.k=[1]", "think.n=1",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tpt_jax import plan as PL
+from tpt_jax.bench import plan as PL
 from tpt_jax.config import ConfigError, load_run_config, model_preset
 
 GiB = 1024 ** 3

@@ -5,7 +5,7 @@ import pytest
 
 from tpt_jax import cli
 from tpt_jax.config import MODEL_PRESETS, TptError
-from tpt_jax.planner import compute_matched_samples, parse_params, plan, samples_for_budget
+from tpt_jax.methods.planner import compute_matched_samples, parse_params, plan, samples_for_budget
 
 
 def test_9b_vs_27b_gives_three_times_the_samples():

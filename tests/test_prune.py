@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from tpt_jax import cli
-from tpt_jax.answers import calculator_errors, parse_gold, to_number
+from tpt_jax.stages.answers import calculator_errors, parse_gold, to_number
 from tpt_jax.config import ConfigError, PruneConfig
-from tpt_jax.prune import (DROP_REASONS, bench_prune, dedup_equations, prune_files,
+from tpt_jax.stages.prune import (DROP_REASONS, bench_prune, dedup_equations, prune_files,
                            prune_records)
 
 GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"
@@ -117,7 +117,7 @@ def test_rft_dedup_keeps_the_most_different_path():
     kept, stats = prune_records(DATASET, samples, _cfg("dedup-equations"))
     got = {k["sample"] for k in kept}
     assert 1 in got and len(got) == 2  # one per equation sequence: (2+2=4) and ()
-    from tpt_jax.answers import edit_distance
+    from tpt_jax.stages.answers import edit_distance
     winner = 0 if edit_distance(a.split(), b.split()) >= edit_distance(a2.split(), b.split()) else 2
     assert got == {1, winner}
     assert stats["counts"]["dropped"] == {"duplicate equations": 2}

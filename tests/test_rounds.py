@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tpt_jax import rounds
+from tpt_jax.loop import rounds
 from tpt_jax.config import load_run_config
 from conftest import GSM8K_DIR
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from tpt_jax import model as M
-from tpt_jax import sampler as S
-from tpt_jax import weights
+from tpt_jax.gemma import model as M
+from tpt_jax.stages import sampler as S
+from tpt_jax.gemma import weights
 from tpt_jax.config import MeshConfig, model_preset
-from tpt_jax.sharding import make_mesh
+from tpt_jax.gemma.sharding import make_mesh
 from conftest import make_hf_checkpoint
 
 GREEDY = S.SamplingConfig(temperature=0.0, max_new_tokens=14)

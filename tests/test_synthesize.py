@@ -6,11 +6,11 @@ import jax
 import pytest
 
 from sft_helpers import CharTokenizer, tiny_model
-from tpt_jax import synthesize as S
+from tpt_jax.methods import synthesize as S
 from tpt_jax.config import ConfigError, MeshConfig, SynthesizeConfig, ThinkConfig, \
     validate_synthesize
-from tpt_jax.model import init_params
-from tpt_jax.sharding import TRAIN_RULES, make_mesh
+from tpt_jax.gemma.model import init_params
+from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
 
 
 def test_majority_vote_cases():

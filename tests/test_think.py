@@ -5,8 +5,8 @@ import jax
 import pytest
 
 from tpt_jax import io as tio
-from tpt_jax import model as M
-from tpt_jax import think as T
+from tpt_jax.gemma import model as M
+from tpt_jax.stages import think as T
 from tpt_jax.config import ThinkConfig, TptError, model_preset
 from conftest import ByteTokenizer
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from sft_helpers import CharTokenizer, make_examples, run_from_json, tiny_model
-from tpt_jax import sft_data
+from tpt_jax.stages import sft_data
 from tpt_jax.config import ConfigError, MeshConfig, RunConfig, TptError, TrainConfig, validate_run
-from tpt_jax.loss import chunked_cross_entropy, num_chunks, plain_cross_entropy
-from tpt_jax.model import dense, init_params
-from tpt_jax.sharding import TRAIN_RULES, make_mesh
-from tpt_jax.train import Stepper, check_batch, learning_rate, schedule_args
+from tpt_jax.stages.loss import chunked_cross_entropy, num_chunks, plain_cross_entropy
+from tpt_jax.gemma.model import dense, init_params
+from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
+from tpt_jax.stages.train import Stepper, check_batch, learning_rate, schedule_args
 
 TOK = CharTokenizer()
 
@@ -102,7 +102,7 @@ def test_chunked_cross_entropy_matches_plain(vocab, chunk):
     for a, b in zip(gc, gp):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
     # and the reference is the textbook formula on the model's own logits
-    from tpt_jax.model import logits_from_hidden
+    from tpt_jax.gemma.model import logits_from_hidden
     logits = logits_from_hidden(emb, hidden, cfg)
     ref = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(plain_cross_entropy(hidden, emb, targets, cfg), ref, rtol=1e-5)
@@ -224,7 +224,7 @@ def test_sharded_training_matches_single_device(tmp_path):
 def test_tpt_train_cli_exports_and_reloads(tmp_path, capsys):
     """`tpt train` end to end on 8 devices (random init, builtin tokenizer), then again from
     the exported HF checkpoint."""
-    pytest.importorskip("tpt_jax.tokenizer")
+    pytest.importorskip("tpt_jax.gemma.tokenizer")
     import json
 
     from tpt_jax import cli, io

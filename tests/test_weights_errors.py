@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tpt_jax import model as M
-from tpt_jax import weights
+from tpt_jax.gemma import model as M
+from tpt_jax.gemma import weights
 from tpt_jax.config import TptError
 
 

@@ -14,15 +14,15 @@ import sys
 from tpt_jax.config import TptError
 
 COMMANDS = {
-    "run": ("tpt_jax.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
-    "think": ("tpt_jax.think", "sample n reasoning traces per question into JSONL shards"),
-    "prune": ("tpt_jax.prune", "verify samples against gold answers and select training data"),
-    "train": ("tpt_jax.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
-    "eval": ("tpt_jax.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
+    "run": ("tpt_jax.loop.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
+    "think": ("tpt_jax.stages.think", "sample n reasoning traces per question into JSONL shards"),
+    "prune": ("tpt_jax.stages.prune", "verify samples against gold answers and select training data"),
+    "train": ("tpt_jax.stages.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
+    "eval": ("tpt_jax.stages.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
     "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
-    "convert": ("tpt_jax.weights", "convert between HF safetensors checkpoints and Orbax params"),
-    "plan": ("tpt_jax.plan", "ahead-of-time per-device memory plan for a config on N devices"),
-    "budget": ("tpt_jax.planner", "compute-matched samples per question for two models"),
+    "convert": ("tpt_jax.gemma.weights", "convert between HF safetensors checkpoints and Orbax params"),
+    "plan": ("tpt_jax.bench.plan", "ahead-of-time per-device memory plan for a config on N devices"),
+    "budget": ("tpt_jax.methods.planner", "compute-matched samples per question for two models"),
 }
 
 

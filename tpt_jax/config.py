@@ -170,7 +170,7 @@ class ThinkConfig:
 PRUNE_STEPS = ("first-correct", "all-correct", "max-k", "dedup-text", "dedup-equations",
                "calculator", "rft", "influence")
 # influence: after the rest, keep the top influence_fraction by gradient similarity to
-# influence_targets seed examples (tpt_jax/influence.py; needs the model, so `tpt run` only).
+# influence_targets seed examples (tpt_jax/methods/influence.py; needs the model, so `tpt run` only).
 
 
 @dataclasses.dataclass
@@ -187,7 +187,7 @@ class PruneConfig:
     max_tokens: Optional[int] = None  # on the sample's `tokens` field
     answer_fallback: bool = False  # accept the last number when no answer marker is found
     metrics_k: Optional[list] = None  # k for pass@k/maj@k/diversity@k; None: 1, 2, 4, ... n
-    # The `influence` step (LESS-style gradient similarity, tpt_jax/influence.py).
+    # The `influence` step (LESS-style gradient similarity, tpt_jax/methods/influence.py).
     influence_fraction: float = 0.5  # share of the candidates kept
     influence_targets: int = 64  # target examples drawn from the seed/dev set
     influence_dim: int = 1024  # random projection size
@@ -244,7 +244,7 @@ SYNTH_STAGES = ("grade-school", "middle-school", "high-school", "competition", "
 @dataclasses.dataclass
 class SynthesizeConfig:
     """New problems written by the model from seed texts, labelled by majority vote
-    (tpt_jax/synthesize.py); they join the round's Think and Prune as synthetic questions."""
+    (tpt_jax/methods/synthesize.py); they join the round's Think and Prune as synthetic questions."""
 
     enabled: bool = False
     per_round: int = 100  # seed texts (= problems written) per round
@@ -259,7 +259,7 @@ class SynthesizeConfig:
 
 @dataclasses.dataclass
 class SourceConfig:
-    """One more model that samples in Think (tpt_jax/multimodel.py)."""
+    """One more model that samples in Think (tpt_jax/methods/multimodel.py)."""
 
     name: str = "other"  # the `source` of its sample records
     model: str = "test-tiny"  # preset (architecture) when no checkpoint says otherwise
@@ -515,7 +515,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     for name in ("seed_size", "synthetic_train", "synthetic_test"):
         if getattr(d, name) < 1:
             raise ConfigError(f"data.{name} must be >= 1, got {getattr(d, name)}")
-    from tpt_jax.prompts import parse_template  # late: prompts imports this module
+    from tpt_jax.stages.prompts import parse_template  # late: prompts imports this module
     parse_template(cfg.prompt)
     validate_prune(cfg.prune)
     validate_synthesize(cfg.synthesize)

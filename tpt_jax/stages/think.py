@@ -20,9 +20,9 @@ import numpy as np
 
 from tpt_jax import faults
 from tpt_jax import io as tio
-from tpt_jax import prompts as P
+from tpt_jax.stages import prompts as P
 from tpt_jax.config import ConfigError, ThinkConfig, TptError
-from tpt_jax.sampler import Sampler, SamplingConfig
+from tpt_jax.stages.sampler import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,10 @@ def add_cli(parser) -> None:
 
 
 def _load_model(args, mesh):
-    from tpt_jax import model as M
-    from tpt_jax import weights
+    from tpt_jax.gemma import model as M
+    from tpt_jax.gemma import weights
     from tpt_jax.config import model_preset
-    from tpt_jax.sharding import SAMPLE_RULES
+    from tpt_jax.gemma.sharding import SAMPLE_RULES
     if args.checkpoint:
         root = tio.path(args.checkpoint)
         if (root / "config.json").exists():
@@ -304,9 +304,9 @@ def _load_model(args, mesh):
 
 
 def _cli(args) -> int:
-    from tpt_jax.sampler import parse_mesh
-    from tpt_jax.sharding import make_mesh
-    from tpt_jax.tokenizer import check_vocab, load_tokenizer
+    from tpt_jax.stages.sampler import parse_mesh
+    from tpt_jax.gemma.sharding import make_mesh
+    from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
 
     cfg = ThinkConfig(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,

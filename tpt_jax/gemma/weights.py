@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
 from tpt_jax.config import ModelConfig, TptError
-from tpt_jax.model import Gemma2, abstract_params, as_dtype, param_shardings
+from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def add_cli(parser) -> None:
 
 
 def _convert(args) -> int:
-    from tpt_jax.model import make_model
+    from tpt_jax.gemma.model import make_model
     if args.to == "orbax":
         cfg = read_hf_config(_stage_local(args.src))
         model = make_model(cfg, param_dtype=args.dtype)

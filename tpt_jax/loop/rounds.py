@@ -21,9 +21,11 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from tpt_jax import distributed, faults, io, multimodel, report
+from tpt_jax import distributed, faults, io
+from tpt_jax.methods import multimodel
+from tpt_jax.loop import report
 from tpt_jax.config import RunConfig, TptError, load_run_config, model_preset, round_config
-from tpt_jax.rundir import RunDir
+from tpt_jax.loop.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +45,21 @@ class Setup:
 
 def setup(cfg: RunConfig) -> Setup:
     """Mesh, model, tokenizer and data for a config (no weights yet)."""
-    from tpt_jax import prompts, sharding
+    from tpt_jax.stages import prompts
+    from tpt_jax.gemma import sharding
     from tpt_jax.data.sources import load_split
-    from tpt_jax.model import make_model
-    from tpt_jax.tokenizer import check_vocab, load_tokenizer
+    from tpt_jax.gemma.model import make_model
+    from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
 
     mesh = sharding.make_mesh(cfg.mesh)
-    from tpt_jax.train import check_batch
+    from tpt_jax.stages.train import check_batch
     for r in range(cfg.rounds + 1):  # a batch that cannot split over the devices fails now
         check_batch(round_config(cfg, r).train, mesh)
-    from tpt_jax.multimodel import check_source_checkpoints
+    from tpt_jax.methods.multimodel import check_source_checkpoints
     check_source_checkpoints(cfg)
     model_cfg = model_preset(cfg.model)
     if cfg.checkpoint:
-        from tpt_jax.weights import read_hf_config
+        from tpt_jax.gemma.weights import read_hf_config
         model_cfg = read_hf_config(cfg.checkpoint)
     model = make_model(model_cfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -72,7 +75,7 @@ def setup(cfg: RunConfig) -> Setup:
 
 
 def _base_params(s: Setup) -> Any:
-    from tpt_jax import model as M, sharding, weights
+    from tpt_jax.gemma import model as M, sharding, weights
     if s.cfg.checkpoint:
         return weights.load_hf(s.cfg.checkpoint, s.model, s.mesh, sharding.TRAIN_RULES)
     return M.init_params(s.model, jax.random.key(s.cfg.seed), s.mesh, sharding.TRAIN_RULES)
@@ -98,7 +101,8 @@ def _stage(rd: RunDir, name: str, compute: Callable[[], Any], wall: dict) -> Non
 
 def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
     """Run (or resume) all rounds; returns the metrics records (also in DIR/metrics.json)."""
-    from tpt_jax import evaluate, prune, sharding, think, train, weights
+    from tpt_jax.stages import evaluate, prune, think, train
+    from tpt_jax.gemma import sharding, weights
     from tpt_jax.data.sources import seed_examples
 
     with RunDir(out_dir, cfg, force) as rd:

@@ -164,7 +164,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int,
 def builtin_corpus(seed: int = 0) -> list[str]:
     """The builtin tokenizer's training text: synthetic problems in the shapes the prompt
     templates produce (plain and chat), so every template tokenizes without unknown pieces."""
-    from tpt_jax import prompts
+    from tpt_jax.stages import prompts
     from tpt_jax.data.synthetic import synthetic_split
 
     texts = []

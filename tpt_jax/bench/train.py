@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpt_jax.config import MODEL_PRESETS, TrainConfig, model_preset
-from tpt_jax.sft_data import compact_targets
+from tpt_jax.stages.sft_data import compact_targets
 
 
 def add_bench_cli(parser) -> None:
@@ -80,9 +80,9 @@ def random_batch(vocab: int, batch: int, seq: int, seed: int = 0, loss_bucket: i
 
 
 def _bench(args) -> int:
-    from tpt_jax.model import count_params, init_params, make_model
-    from tpt_jax.sharding import TRAIN_RULES
-    from tpt_jax.train import Stepper, check_batch, default_mesh, schedule_args
+    from tpt_jax.gemma.model import count_params, init_params, make_model
+    from tpt_jax.gemma.sharding import TRAIN_RULES
+    from tpt_jax.stages.train import Stepper, check_batch, default_mesh, schedule_args
 
     mcfg = model_preset(args.shape)
     model = make_model(mcfg, args.dtype, "float32", args.remat)

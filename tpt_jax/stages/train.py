@@ -3,7 +3,7 @@
     params, metrics = train(params, model, tokenizer, examples, cfg, out_dir, mesh)
 
 - Loss on the completion tokens (and the appended EOS) only, averaged over every trained
-  token of the global batch; cross-entropy over vocabulary chunks (`tpt_jax.loss`).
+  token of the global batch; cross-entropy over vocabulary chunks (`tpt_jax.stages.loss`).
 - AdamW with linear warm-up then cosine decay to 0 (HF `get_cosine_schedule_with_warmup`),
   global-norm clipping, no weight decay on parameters whose path contains a `no_decay` entry.
 - Gradient accumulation: the global batch is split into `grad_accum` micro-batches, scanned
@@ -12,7 +12,7 @@
   (FSDP over `fsdp`, tensor parallel over `tensor`), the batch over (`data`, `fsdp`).
   Compute dtype and parameter dtype come from the model (`make_model(cfg, "bfloat16",
   "float32")` = bf16 compute with f32 master weights and optimizer state).
-- Orbax checkpoints (`tpt_jax.checkpoint`) in `out_dir/checkpoints` hold the state (params,
+- Orbax checkpoints (`tpt_jax.gemma.checkpoint`) in `out_dir/checkpoints` hold the state (params,
   optimizer state, step, PRNG key) and the data order, cursor, logged metrics and a
   fingerprint of config + data; a run restarted with the same inputs resumes from the
   newest readable checkpoint and ends with the same bits. `out_dir/best` keeps the params
@@ -34,12 +34,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpt_jax import faults, io, sft_data
-from tpt_jax.checkpoint import Checkpoints, abstract_like
+from tpt_jax import faults, io
+from tpt_jax.stages import sft_data
+from tpt_jax.gemma.checkpoint import Checkpoints, abstract_like
 from tpt_jax.config import MeshConfig, TptError, TrainConfig
-from tpt_jax.loss import chunked_cross_entropy
-from tpt_jax.model import Gemma2, abstract_params, param_shardings
-from tpt_jax.sharding import BATCH, TRAIN_RULES, make_mesh, mesh_axis_size, use_rules
+from tpt_jax.stages.loss import chunked_cross_entropy
+from tpt_jax.gemma.model import Gemma2, abstract_params, param_shardings
+from tpt_jax.gemma.sharding import BATCH, TRAIN_RULES, make_mesh, mesh_axis_size, use_rules
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +428,7 @@ def _write_log(root, history: list, evals: list) -> None:
 
 def _check_vocab(tokenizer, vocab_size: int) -> None:
     try:
-        from tpt_jax.tokenizer import check_vocab
+        from tpt_jax.gemma.tokenizer import check_vocab
     except ImportError:
         return
     check_vocab(tokenizer, vocab_size)
@@ -465,9 +466,9 @@ def add_cli(parser) -> None:
 def _cli(args) -> int:
     from tpt_jax.config import (RunConfig, apply_overrides, from_dict, model_preset, read_yaml,
                                 resolve_config_path, validate_run)
-    from tpt_jax.model import init_params, make_model
-    from tpt_jax.tokenizer import load_tokenizer
-    from tpt_jax.weights import load_hf, read_hf_config, save_hf
+    from tpt_jax.gemma.model import init_params, make_model
+    from tpt_jax.gemma.tokenizer import load_tokenizer
+    from tpt_jax.gemma.weights import load_hf, read_hf_config, save_hf
 
     data = read_yaml(resolve_config_path(args.config)) if args.config else {}
     data = apply_overrides(data, [_qualify(o) for o in args.overrides])
@@ -504,5 +505,5 @@ def _read_examples(p: str) -> list[dict]:
 
 
 def add_bench_cli(parser) -> None:
-    from tpt_jax.train_bench import add_bench_cli as add
+    from tpt_jax.bench.train import add_bench_cli as add
     add(parser)

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpt_jax import sft_data
+from tpt_jax.stages import sft_data
 from tpt_jax.config import PruneConfig, TptError
-from tpt_jax.loss import chunked_cross_entropy
-from tpt_jax.sharding import BATCH, mesh_axis_size
+from tpt_jax.stages.loss import chunked_cross_entropy
+from tpt_jax.gemma.sharding import BATCH, mesh_axis_size
 
 log = logging.getLogger(__name__)
 

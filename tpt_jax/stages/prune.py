@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from typing import Iterable, Optional
 
-from tpt_jax import answers, metrics
+from tpt_jax.stages import answers, metrics
 from tpt_jax.config import PruneConfig, TptError, validate_prune
 from tpt_jax.io import Skips, read_jsonl, write_json_atomic, write_jsonl_atomic
 
@@ -378,7 +378,7 @@ def _run(args) -> int:
     cfg = _config_from_args(args)
     if "influence" in {x.strip() for x in cfg.strategy.split("+")}:
         raise TptError("prune step 'influence' needs the model's gradients: use it through "
-                       "`tpt run` (prune.strategy), or tpt_jax.influence.select_by_influence")
+                       "`tpt run` (prune.strategy), or tpt_jax.methods.influence.select_by_influence")
     _, stats = prune_files(args.dataset, args.samples, cfg, args.out, args.stats)
     log.info("prune: %s (%.1fs)", summary_line(stats), stats["seconds"])
     return 0

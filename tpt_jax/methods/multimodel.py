@@ -37,7 +37,7 @@ def source_model_config(src: SourceConfig) -> ModelConfig:
     its preset."""
     if not src.checkpoint:
         return model_preset(src.model)
-    from tpt_jax import weights
+    from tpt_jax.gemma import weights
     root = tio.path(src.checkpoint)
     if (root / "model.json").exists():
         return weights.read_model_json(src.checkpoint)
@@ -63,7 +63,7 @@ def check_source_checkpoints(cfg) -> None:
 
 def matched_samples(think_n: int, trained: ModelConfig, source: ModelConfig) -> int:
     """Compute-matched samples per question for `source` (at least 1)."""
-    from tpt_jax.planner import compute_matched_samples
+    from tpt_jax.methods.planner import compute_matched_samples
     s = compute_matched_samples(think_n, trained.param_count(), source.param_count())
     return max(1, math.floor(s + 1e-9))
 
@@ -81,8 +81,8 @@ def samples_per_source(cfg, trained: ModelConfig) -> dict[str, int]:
 
 def load_source(src: SourceConfig, cfg, mesh, seed: int):
     """(model, params) of one source: Orbax params dir, HF checkpoint, or random (tests)."""
-    from tpt_jax import model as M
-    from tpt_jax import sharding, weights
+    from tpt_jax.gemma import model as M
+    from tpt_jax.gemma import sharding, weights
     mcfg = source_model_config(src)
     model = M.make_model(mcfg, cfg.dtype, cfg.param_dtype)
     if src.checkpoint and (tio.path(src.checkpoint) / "model.json").exists():
@@ -103,7 +103,7 @@ def source_think_config(rc, n: int, r: int):
 
 def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -> dict:
     """Think with every extra source into `samples_root/<name>/` (resumable like Think)."""
-    from tpt_jax import think
+    from tpt_jax.stages import think
     counts = samples_per_source(rc, s.model.cfg)
     for src in rc.sources.models:
         model, params = load_source(src, rc, s.mesh, rc.seed + 1 + r)
@@ -116,7 +116,7 @@ def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -
 
 
 def read_source_samples(rc, samples_root: str) -> list[dict]:
-    from tpt_jax import think
+    from tpt_jax.stages import think
     return [rec for src in rc.sources.models
             for rec in think.read_samples(os.path.join(samples_root, src.name))]
 
@@ -126,7 +126,7 @@ def prune_sources(questions: Sequence[dict], samples: Sequence[dict], cfg: Prune
     """Pooled: one Prune over every source. Separate: selection per source, concatenated;
     the stats (metrics per source) come from the pooled pass, with the kept counts of the
     separate selections."""
-    from tpt_jax import prune
+    from tpt_jax.stages import prune
     kept, stats = prune.prune_records(questions, samples, cfg)
     if pool == "pooled":
         return kept, stats
@@ -202,7 +202,7 @@ def plot_data_quality(rounds: Sequence[dict], out_path: str) -> str:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("data quality per source")
-    from tpt_jax.report import save_png
+    from tpt_jax.loop.report import save_png
     return save_png(fig, out_path)
 
 
@@ -214,7 +214,7 @@ def round_questions(rc, s, rd, tag: str, r: int, params_fn, stage) -> list[dict]
     problems the `rNN/synthesize` stage wrote and majority vote labelled."""
     if not rc.synthesize.enabled:
         return s.train_questions
-    from tpt_jax import synthesize as S
+    from tpt_jax.methods import synthesize as S
     path = rd.path(tag, "synthetic.jsonl")
 
     def do_synth():
@@ -234,7 +234,7 @@ def after_prune(rc, s, rd, tag: str, kept: list[dict], stats: dict, params_fn,
     """Influence selection (when the strategy has `influence`) and the data-quality report."""
     steps = {x.strip() for x in rc.prune.strategy.split("+")}
     if "influence" in steps and kept:
-        from tpt_jax import influence
+        from tpt_jax.methods import influence
         kept, stats, rows = influence.apply_to_round(
             params_fn(), s.model, s.tokenizer, kept, stats, seed_pool_fn(), rc.prune, s.mesh,
             max_length=rc.train.max_length, loss_chunk=rc.train.loss_chunk)

@@ -9,9 +9,9 @@ import importlib
 import sys
 
 BENCHES = {
-    "sample": ("tpt_jax.sampler", "generated tokens/s of the sampler (random init)"),
-    "train": ("tpt_jax.train", "trained tokens/s and MFU of the SFT step"),
-    "prune": ("tpt_jax.prune", "records/s of tpt prune on synthetic samples"),
+    "sample": ("tpt_jax.stages.sampler", "generated tokens/s of the sampler (random init)"),
+    "train": ("tpt_jax.stages.train", "trained tokens/s and MFU of the SFT step"),
+    "prune": ("tpt_jax.stages.prune", "records/s of tpt prune on synthetic samples"),
 }
 
 

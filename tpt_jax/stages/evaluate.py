@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from typing import Any, Optional, Sequence
 
-from tpt_jax import answers, metrics, think
+from tpt_jax.stages import answers, metrics, think
 from tpt_jax.config import EvalConfig, ThinkConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ def add_cli(parser) -> None:
 def _cli(args) -> int:
     import json
 
-    from tpt_jax import io, rounds, sharding, weights
+    from tpt_jax import io
+    from tpt_jax.loop import rounds
+    from tpt_jax.gemma import sharding, weights
 
     cfg = rounds.config_from_args(args.config, args.overrides)
     s = rounds.setup(cfg)

@@ -33,9 +33,9 @@ import flax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpt_jax import model as M
+from tpt_jax.gemma import model as M
 from tpt_jax.config import ConfigError, validate_sampling
-from tpt_jax.sharding import SAMPLE_RULES, constrain, logical_to_spec, use_rules
+from tpt_jax.gemma.sharding import SAMPLE_RULES, constrain, logical_to_spec, use_rules
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -525,7 +525,7 @@ def parse_mesh(text: str):
 
 def _bench(args) -> int:
     from tpt_jax.config import model_preset
-    from tpt_jax.sharding import make_mesh
+    from tpt_jax.gemma.sharding import make_mesh
     for name in ("batch", "n", "prompt", "new", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1")

@@ -143,7 +143,7 @@ def tpu_devices(topology: str) -> tuple[list, str, float]:
 def _tpu_sampling_layout():
     """Plan the sampling layout of an accelerator: on CPU the sampler keeps an extra
     transposed copy of the embedding (`sampler._transposed_unembed`), TPUs do not."""
-    from tpt_jax import sampler
+    from tpt_jax.stages import sampler
     saved = sampler._transposed_unembed
     sampler._transposed_unembed = lambda: False
     try:
@@ -167,8 +167,8 @@ def plan_train(cfg: RunConfig, model, mesh) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from tpt_jax.sharding import TRAIN_RULES, use_rules
-    from tpt_jax.train import Stepper, check_batch
+    from tpt_jax.gemma.sharding import TRAIN_RULES, use_rules
+    from tpt_jax.stages.train import Stepper, check_batch
 
     tc = cfg.train
     micro = check_batch(tc, mesh)
@@ -201,9 +201,10 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from tpt_jax import model as M, sampler as S
-    from tpt_jax.sharding import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, use_rules
-    from tpt_jax.think import sampling_config
+    from tpt_jax.gemma import model as M
+    from tpt_jax.stages import sampler as S
+    from tpt_jax.gemma.sharding import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, use_rules
+    from tpt_jax.stages.think import sampling_config
 
     tk = cfg.think
     sampling = sampling_config(tk)
@@ -285,8 +286,8 @@ def make_plan(cfg: RunConfig, devices: Optional[int] = None,
     """Compile the programs of `cfg` for `devices` CPU devices, or for the devices of TPU
     topology `tpu` (e.g. "v5e:2x4", with libtpu's compiler); returns the plan as JSON data."""
     from tpt_jax.config import model_preset
-    from tpt_jax.model import make_model
-    from tpt_jax.sharding import make_mesh
+    from tpt_jax.gemma.model import make_model
+    from tpt_jax.gemma.sharding import make_mesh
 
     if tpu:
         devs, kind, hbm = tpu_devices(tpu)
@@ -412,7 +413,7 @@ def _argv(args) -> list[str]:
 
 def _cli(args) -> int:
     from tpt_jax.config import load_run_config
-    from tpt_jax.sampler import parse_mesh
+    from tpt_jax.stages.sampler import parse_mesh
 
     if args.devices is None and not args.tpu:
         raise ConfigError("give --devices N (CPU devices) or --tpu TOPOLOGY")

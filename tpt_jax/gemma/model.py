@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tpt_jax.config import ModelConfig
-from tpt_jax.sharding import constrain
+from tpt_jax.gemma.sharding import constrain
 
 Array = jax.Array
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -316,7 +316,7 @@ def abstract_params(model: Gemma2) -> Any:
 
 
 def param_shardings(model: Gemma2, mesh, rules) -> Any:
-    from tpt_jax.sharding import tree_shardings
+    from tpt_jax.gemma.sharding import tree_shardings
     return tree_shardings(param_logical_axes(model), rules, mesh, abstract_params(model))
 
 

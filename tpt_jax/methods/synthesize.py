@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tpt_jax import answers
-from tpt_jax import prompts as P
+from tpt_jax.stages import answers
+from tpt_jax.stages import prompts as P
 from tpt_jax.config import SynthesizeConfig, ThinkConfig, TptError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
                source: str = "model") -> tuple[list[dict], dict]:
     """New labelled problems {id, question, answer, synthetic, stage, seed_id, agreement,
     votes, n_votes} and stats (written problems, empty ones, votes by status)."""
-    from tpt_jax import think
+    from tpt_jax.stages import think
 
     chosen = pick_seeds(seeds, cfg.per_round, cfg.seed, round_)
     stages = [stage_for(cfg, i) for i in range(len(chosen))]

@@ -1,0 +1,1 @@
+"""The model core: Gemma2 definition, sharding rules, weights, checkpoints, tokenizers."""

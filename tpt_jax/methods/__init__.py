@@ -1,0 +1,1 @@
+"""The related papers' methods: compute-matched planning, multi-model rounds, synthesis, influence."""
