@@ -40,7 +40,7 @@ def make_examples(n: int, seed: int = 0, prompt_len: int = 6, completion_len: in
 
 
 def tiny_model(preset: str = "test-tiny", dtype: str = "float32"):
-    from tpt_jax.config import model_preset
+    from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.model import make_model
     return make_model(model_preset(preset), dtype=dtype)
 

@@ -254,7 +254,7 @@ def saved_params(tmp_path_factory):
 
     from tpt_jax.gemma import model as M
     from tpt_jax.gemma import weights
-    from tpt_jax.config import model_preset
+    from tpt_jax.gemma.config import model_preset
     model = M.make_model(model_preset("test-tiny"))
     params = M.init_params(model, jax.random.key(0))
     out = tmp_path_factory.mktemp("params") / "r00-params"

@@ -8,7 +8,8 @@ from jax.sharding import PartitionSpec as P
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma import sharding as S
 from tpt_jax.gemma import weights
-from tpt_jax.config import MODEL_PRESETS, MeshConfig, model_preset
+from tpt_jax.config import MeshConfig
+from tpt_jax.gemma.config import MODEL_PRESETS, model_preset
 
 
 def hf_logits(hf_model, tokens, mask):

@@ -3,7 +3,8 @@ example's provenance, separate pruning, the data-quality report and its plot, co
 import pytest
 
 from tpt_jax.methods import multimodel as MM
-from tpt_jax.config import ConfigError, PruneConfig, load_run_config, model_preset
+from tpt_jax.config import ConfigError, PruneConfig, load_run_config
+from tpt_jax.gemma.config import model_preset
 
 DATASET = [{"id": "q1", "question": "1+1?", "answer": "2"},
            {"id": "q2", "question": "2+2?", "answer": "4"}]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tpt_jax.bench import plan as PL
-from tpt_jax.config import ConfigError, load_run_config, model_preset
+from tpt_jax.config import ConfigError, load_run_config
+from tpt_jax.gemma.config import model_preset
 
 GiB = 1024 ** 3
 OVERRIDES = ["per_round={}", "model=test-tiny", "dtype=bfloat16", "param_dtype=float32",

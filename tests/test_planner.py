@@ -4,7 +4,8 @@ import json
 import pytest
 
 from tpt_jax import cli
-from tpt_jax.config import MODEL_PRESETS, TptError
+from tpt_jax.config import TptError
+from tpt_jax.gemma.config import MODEL_PRESETS
 from tpt_jax.methods.planner import compute_matched_samples, parse_params, plan, samples_for_budget
 
 

@@ -7,7 +7,8 @@ import pytest
 from tpt_jax import cli
 from tpt_jax.stages.answers import calculator_errors, parse_gold, to_number
 from tpt_jax.config import ConfigError, PruneConfig
-from tpt_jax.stages.prune import (DROP_REASONS, bench_prune, dedup_equations, prune_files,
+from tpt_jax.bench.prune import bench_prune
+from tpt_jax.stages.prune import (DROP_REASONS, dedup_equations, prune_files,
                            prune_records)
 
 GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"

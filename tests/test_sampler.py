@@ -9,7 +9,8 @@ import pytest
 from tpt_jax.gemma import model as M
 from tpt_jax.stages import sampler as S
 from tpt_jax.gemma import weights
-from tpt_jax.config import MeshConfig, model_preset
+from tpt_jax.config import MeshConfig
+from tpt_jax.gemma.config import model_preset
 from tpt_jax.gemma.sharding import make_mesh
 from conftest import make_hf_checkpoint
 

@@ -7,7 +7,8 @@ import pytest
 from tpt_jax import io as tio
 from tpt_jax.gemma import model as M
 from tpt_jax.stages import think as T
-from tpt_jax.config import ThinkConfig, TptError, model_preset
+from tpt_jax.config import ThinkConfig, TptError
+from tpt_jax.gemma.config import model_preset
 from conftest import ByteTokenizer
 
 

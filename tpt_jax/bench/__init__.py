@@ -1,6 +1,6 @@
 """`tpt bench sample | train | prune`: each prints one JSON line.
 
-Each benchmark lives beside the code it measures; the module named here provides
+Each benchmark has its module here (sample: beside the sampler until it moves); each provides
 `add_bench_cli(parser)`, which adds its arguments and sets `func`.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 BENCHES = {
     "sample": ("tpt_jax.stages.sampler", "generated tokens/s of the sampler (random init)"),
-    "train": ("tpt_jax.stages.train", "trained tokens/s and MFU of the SFT step"),
-    "prune": ("tpt_jax.stages.prune", "records/s of tpt prune on synthetic samples"),
+    "train": ("tpt_jax.bench.train", "trained tokens/s and MFU of the SFT step"),
+    "prune": ("tpt_jax.bench.prune", "records/s of tpt prune on synthetic samples"),
 }
 
 

@@ -285,7 +285,7 @@ def make_plan(cfg: RunConfig, devices: Optional[int] = None,
               programs: tuple = ("train", "sample"), tpu: Optional[str] = None) -> dict:
     """Compile the programs of `cfg` for `devices` CPU devices, or for the devices of TPU
     topology `tpu` (e.g. "v5e:2x4", with libtpu's compiler); returns the plan as JSON data."""
-    from tpt_jax.config import model_preset
+    from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.model import make_model
     from tpt_jax.gemma.sharding import make_mesh
 

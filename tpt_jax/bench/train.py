@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpt_jax.config import MODEL_PRESETS, TrainConfig, model_preset
+from tpt_jax.config import TrainConfig
+
+from tpt_jax.gemma.config import MODEL_PRESETS, model_preset
 from tpt_jax.stages.sft_data import compact_targets
 
 

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tpt_jax.config import ModelConfig
+from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.sharding import constrain
 
 Array = jax.Array

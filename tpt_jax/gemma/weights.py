@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
-from tpt_jax.config import ModelConfig, TptError
+from tpt_jax.config import TptError
+from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
 
 log = logging.getLogger(__name__)

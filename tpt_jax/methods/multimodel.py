@@ -1,4 +1,4 @@
-"""Multi-model rounds (compute-optimal sampling, RFT-U) and the round loop's extra stages.
+"""Multi-model rounds (compute-optimal sampling, RFT-U): sources, their samples, pooled Prune.
 
 Samples may come from several models: the trained model itself (`sources.self`, think.n per
 question) and any number of others (`sources.models`), e.g. a weak-cheap (WC) and a
@@ -24,7 +24,8 @@ import os
 from typing import Optional, Sequence
 
 from tpt_jax import io as tio
-from tpt_jax.config import ModelConfig, PruneConfig, SourceConfig, TptError, model_preset
+from tpt_jax.config import PruneConfig, SourceConfig, TptError
+from tpt_jax.gemma.config import ModelConfig, model_preset
 
 log = logging.getLogger(__name__)
 
@@ -204,51 +205,3 @@ def plot_data_quality(rounds: Sequence[dict], out_path: str) -> str:
     fig.suptitle("data quality per source")
     from tpt_jax.loop.report import save_png
     return save_png(fig, out_path)
-
-
-# ----------------------------------------------------------------------------- round hooks
-
-
-def round_questions(rc, s, rd, tag: str, r: int, params_fn, stage) -> list[dict]:
-    """The round's questions: the training split, plus (when synthesize is enabled) the
-    problems the `rNN/synthesize` stage wrote and majority vote labelled."""
-    if not rc.synthesize.enabled:
-        return s.train_questions
-    from tpt_jax.methods import synthesize as S
-    path = rd.path(tag, "synthetic.jsonl")
-
-    def do_synth():
-        seeds = S.seed_texts(rc.synthesize, s.train_questions)
-        recs, stats = S.synthesize(params_fn(), s.model, s.tokenizer, seeds, rc.synthesize,
-                                   rc.think, s.mesh, template=rc.prompt, shots=s.shots,
-                                   round_=r, source=f"{rc.model}@r{r - 1}")
-        if rd.primary:
-            tio.write_jsonl_atomic(path, recs)
-            tio.write_json_atomic(rd.path(tag, "synthesize_stats.json"), stats)
-    stage(f"{tag}/synthesize", do_synth)
-    return list(s.train_questions) + [rec for _, rec in tio.read_jsonl(path)]
-
-
-def after_prune(rc, s, rd, tag: str, kept: list[dict], stats: dict, params_fn,
-                self_name: str, seed_pool_fn) -> tuple[list[dict], dict]:
-    """Influence selection (when the strategy has `influence`) and the data-quality report."""
-    steps = {x.strip() for x in rc.prune.strategy.split("+")}
-    if "influence" in steps and kept:
-        from tpt_jax.methods import influence
-        kept, stats, rows = influence.apply_to_round(
-            params_fn(), s.model, s.tokenizer, kept, stats, seed_pool_fn(), rc.prune, s.mesh,
-            max_length=rc.train.max_length, loss_chunk=rc.train.loss_chunk)
-        if rd.primary:
-            tio.write_jsonl_atomic(rd.path(tag, "influence.jsonl"), rows)
-    per_q = samples_per_source(rc, s.model.cfg)
-    if "self" in per_q:
-        per_q[self_name] = per_q.pop("self")
-    stats["data_quality"] = data_quality(stats, per_q)
-    if rd.primary:
-        tio.write_json_atomic(rd.path(tag, "data_quality.json"), stats["data_quality"])
-    return kept, stats
-
-
-def validate_sources(cfg) -> None:
-    if not cfg.sources.self and not cfg.sources.models:
-        raise TptError("sources.self is false and sources.models is empty: no model samples")

@@ -24,7 +24,7 @@ def parse_params(text: str) -> float:
     if m:
         value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
     else:
-        from tpt_jax.config import MODEL_PRESETS
+        from tpt_jax.gemma.config import MODEL_PRESETS
         if t not in MODEL_PRESETS:
             raise TptError(f"cannot read parameter count {text!r}: give a number like 9e9 or 9B, "
                            f"or a preset ({', '.join(MODEL_PRESETS)})")

@@ -91,11 +91,11 @@ def _cli(args) -> int:
     import json
 
     from tpt_jax import io
-    from tpt_jax.loop import rounds
     from tpt_jax.gemma import sharding, weights
+    from tpt_jax.loop.setup import config_from_args, setup
 
-    cfg = rounds.config_from_args(args.config, args.overrides)
-    s = rounds.setup(cfg)
+    cfg = config_from_args(args.config, args.overrides)
+    s = setup(cfg)
     if (io.path(args.params) / "config.json").exists():
         params = weights.load_hf(args.params, s.model, s.mesh, sharding.TRAIN_RULES)
     else:

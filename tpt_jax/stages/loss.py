@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tpt_jax.config import ModelConfig
+from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import softcap
 
 Array = jax.Array

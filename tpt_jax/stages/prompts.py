@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from tpt_jax.config import ConfigError
+from tpt_jax.errors import ConfigError
 
 INSTRUCTION = ("Solve the following math problem step by step. Show your work, and end your "
                "answer with a final line of the form \"#### <answer>\", where <answer> is the "

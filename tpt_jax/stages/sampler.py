@@ -501,7 +501,7 @@ class _null:
 
 
 def add_bench_cli(parser) -> None:
-    from tpt_jax.config import MODEL_PRESETS
+    from tpt_jax.gemma.config import MODEL_PRESETS
     parser.add_argument("--shape", default="small", choices=sorted(MODEL_PRESETS),
                         help="model preset (tiny/small match ../shared/peers/configs.py)")
     parser.add_argument("--batch", type=int, default=16, help="prompts per batch")
@@ -524,7 +524,7 @@ def parse_mesh(text: str):
 
 
 def _bench(args) -> int:
-    from tpt_jax.config import model_preset
+    from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.sharding import make_mesh
     for name in ("batch", "n", "prompt", "new", "repeats"):
         if getattr(args, name) < 1:

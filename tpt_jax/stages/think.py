@@ -284,7 +284,7 @@ def add_cli(parser) -> None:
 def _load_model(args, mesh):
     from tpt_jax.gemma import model as M
     from tpt_jax.gemma import weights
-    from tpt_jax.config import model_preset
+    from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.sharding import SAMPLE_RULES
     if args.checkpoint:
         root = tio.path(args.checkpoint)

@@ -464,8 +464,9 @@ def add_cli(parser) -> None:
 
 
 def _cli(args) -> int:
-    from tpt_jax.config import (RunConfig, apply_overrides, from_dict, model_preset, read_yaml,
+    from tpt_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
                                 resolve_config_path, validate_run)
+    from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.model import init_params, make_model
     from tpt_jax.gemma.tokenizer import load_tokenizer
     from tpt_jax.gemma.weights import load_hf, read_hf_config, save_hf
@@ -502,8 +503,3 @@ def _read_examples(p: str) -> list[dict]:
     if skips.total():
         log.warning("%s: skipped %d records: %s", p, skips.total(), skips.summary())
     return records
-
-
-def add_bench_cli(parser) -> None:
-    from tpt_jax.bench.train import add_bench_cli as add
-    add(parser)
