@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tpt_jax.config import (ConfigError, RunConfig, apply_overrides, fingerprint, from_dict,
-                            load_run_config, model_preset, round_config, validate_run)
+                            load_run_config, round_config, validate_run)
+from tpt_jax.gemma.config import model_preset
 
 
 def test_defaults_are_valid():
