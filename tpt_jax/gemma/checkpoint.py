@@ -9,6 +9,9 @@ relying on them). Orbax writes into a temporary directory and renames it when co
 
 `restore_latest` walks back from the newest step: an unreadable checkpoint (corrupt or
 partial files) is logged, moved aside to `<step>.corrupt`, and the previous one is tried.
+Once a step's save is complete, `<step>.files.json` records the size of each of its files, so
+a cut file is found by comparing sizes, before Orbax's reader (which reports it as asyncio
+tracebacks) sees it.
 Local and gs:// directories work alike.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tpt_jax import io
+from tpt_jax.gemma import manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        self.wait()  # the previous save is complete (Orbax would wait here too) and recorded
+        self._forget(step)
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -63,6 +69,8 @@ class Checkpoints:
         `check(meta)` may raise (e.g. a config mismatch): that is not treated as corruption."""
         for step in reversed(self.steps()):
             try:
+                manifest.check(self.directory / str(step), self._sizes_file(step),
+                               f"{self.directory}/{step}")
                 state, meta = self.restore(step, abstract_state)
             except Exception as e:  # orbax/tensorstore raise many kinds on damaged files
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -80,6 +88,7 @@ class Checkpoints:
         for s in self.steps():
             if s > step:
                 self.manager.delete(s)
+                self._forget(s)
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -89,12 +98,38 @@ class Checkpoints:
                 dst.rmtree()
             if src.exists():
                 src.rename(dst)
+            self._forget(step)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes(f"tpt_quarantine_{step}")
         self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._record_sizes()
 
     def close(self) -> None:
+        self.manager.wait_until_finished()
+        self._record_sizes()
         self.manager.close()
+
+    # -- size manifests (process 0 writes them)
+
+    def _sizes_file(self, step: int) -> Any:
+        return self.directory / f"{step}.files.json"
+
+    def _record_sizes(self) -> None:
+        """A manifest for every finished step that has none; drop those of deleted steps."""
+        if jax.process_index() != 0 or not self.directory.exists():
+            return
+        steps = set(self.steps())
+        for step in steps:
+            if not self._sizes_file(step).exists():
+                manifest.write(self.directory / str(step), self._sizes_file(step))
+        for p in self.directory.iterdir():
+            name = p.name.removesuffix(".files.json")
+            if p.name.endswith(".files.json") and name.isdigit() and int(name) not in steps:
+                p.unlink()
+
+    def _forget(self, step: int) -> None:
+        if jax.process_index() == 0 and self._sizes_file(step).exists():
+            self._sizes_file(step).unlink()

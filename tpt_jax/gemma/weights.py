@@ -17,11 +17,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
+from tpt_jax.gemma import manifest
 from tpt_jax.config import TptError
 from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
@@ -348,18 +348,6 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, dtype: str = "float32",
 FILES = "files.json"  # {relative path: size} of every file under params/, written last
 
 
-def _file_sizes(root: epath.Path, prefix: str = "") -> dict[str, int]:
-    """Sizes of all files under root, by relative path (a walk by hand: epath has no `**` glob
-    for gs:// paths)."""
-    sizes: dict[str, int] = {}
-    for p in root.iterdir():
-        if p.is_dir():
-            sizes.update(_file_sizes(p, f"{prefix}{p.name}/"))
-        else:
-            sizes[prefix + p.name] = p.stat().length
-    return sizes
-
-
 def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
     """Params-only Orbax checkpoint plus model.json (the model config) and files.json (the size
     of every file written), so a damaged checkpoint is caught before Orbax reads it."""
@@ -373,22 +361,12 @@ def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
     faults.point("params-saved")
     if jax.process_index() == 0:
         io.write_json_atomic(target / "model.json", dataclasses.asdict(cfg))
-        io.write_json_atomic(target / FILES, _file_sizes(target / "params"))
+        manifest.write(target / "params", target / FILES)
 
 
 def check_files(ckpt_dir: str) -> None:
-    """Compare the files under params/ with files.json; a missing or cut file is a one-line
-    error here rather than a storm of asyncio tracebacks from inside Orbax's reader."""
-    target = io.path(ckpt_dir)
-    if not (target / FILES).exists():
-        return  # written by an older version or another tool: nothing to compare with
-    want = io.read_json(target / FILES)
-    got = _file_sizes(target / "params")
-    for name, size in sorted(want.items()):
-        if name not in got:
-            raise TptError(f"{ckpt_dir}: params/{name} is missing")
-        if got[name] != size:
-            raise TptError(f"{ckpt_dir}: params/{name} has {got[name]} bytes, expected {size}")
+    """A missing or cut file under params/ is a one-line error here, before Orbax reads it."""
+    manifest.check(io.path(ckpt_dir) / "params", io.path(ckpt_dir) / FILES, f"{ckpt_dir}: params")
 
 
 def load_params(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
