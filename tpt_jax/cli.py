@@ -40,6 +40,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_hub_args(command: str | None, args) -> None:
+    """`tpt think --checkpoint` and `tpt eval --params` look for config.json or model.json in
+    the directory before loading, so a Hub id (ORG/NAME[@REV]) becomes its snapshot dir here
+    (run, train and convert resolve ids where they open the checkpoint)."""
+    from tpt_jax.gemma import hub
+
+    name = {"think": "checkpoint", "eval": "params"}.get(command or "")
+    value = getattr(args, name, None) if name else None
+    if not hub.is_hub_id(value):
+        return
+    if command == "think" and not getattr(args, "source", None):
+        args.source = value.split("@")[0].split("/")[-1]  # the model name, not the snapshot hash
+    setattr(args, name, hub.resolve(value, "checkpoint"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
@@ -62,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        _resolve_hub_args(chosen, args)
         result = args.func(args)
         return int(result or 0)
     except TptError as e:

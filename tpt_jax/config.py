@@ -263,7 +263,7 @@ class SourceConfig:
 
     name: str = "other"  # the `source` of its sample records
     model: str = "test-tiny"  # preset (architecture) when no checkpoint says otherwise
-    checkpoint: Optional[str] = None  # Orbax params dir (model.json) or HF dir; None: random
+    checkpoint: Optional[str] = None  # Orbax params dir, HF dir or Hub id; None: random
     n: Optional[int] = None  # samples per question; None: compute-matched to think.n
 
 
@@ -281,8 +281,8 @@ class RunConfig:
     """A whole TPT run: model, mesh, data, and each stage's settings."""
 
     model: str = "test-tiny"  # preset name
-    checkpoint: Optional[str] = None  # HF checkpoint dir (local or gs://) to start from
-    tokenizer: Optional[str] = None  # sentencepiece model / HF tokenizer dir
+    checkpoint: Optional[str] = None  # HF checkpoint: local or gs:// dir, or Hub id ORG/NAME[@REV]
+    tokenizer: Optional[str] = None  # sentencepiece model / HF tokenizer dir / Hub id
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     prompt: str = "zero-shot"

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
 from tpt_jax.config import ModelConfig, TptError
+from tpt_jax.gemma import hub
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def read_hf_config(ckpt_dir: str) -> ModelConfig:
     """config.json (as transformers writes it) -> ModelConfig, rejecting other architectures."""
+    ckpt_dir = hub.resolve(ckpt_dir, "checkpoint")  # a Hub id -> its cached snapshot
     where = f"{ckpt_dir}/config.json"
     raw = io.read_json(where)
     if raw.get("model_type") != "gemma2":
@@ -226,7 +228,9 @@ class _Tensors:
 
 
 def _stage_local(ckpt_dir: str) -> str:
-    """gs:// checkpoints are copied to a local temp dir (safetensors needs a file)."""
+    """Hub ids resolve to their cached snapshot; gs:// checkpoints are copied to a local temp
+    dir (safetensors needs a file)."""
+    ckpt_dir = hub.resolve(ckpt_dir, "checkpoint")
     if not io.is_remote(ckpt_dir):
         return ckpt_dir
     local = tempfile.mkdtemp(prefix="tpt-hf-")
