@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("tpt_jax.stages.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
     "eval": ("tpt_jax.stages.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
     "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
-    "convert": ("tpt_jax.gemma.weights", "convert between HF safetensors checkpoints and Orbax params"),
+    "convert": ("tpt_jax.gemma.export", "convert between HF safetensors checkpoints and Orbax params"),
     "plan": ("tpt_jax.bench.plan", "ahead-of-time per-device memory plan for a config on N devices"),
     "budget": ("tpt_jax.methods.planner", "compute-matched samples per question for two models"),
 }

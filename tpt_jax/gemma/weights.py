@@ -8,7 +8,6 @@ and the architecture are checked up front from metadata alone, with one-line err
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +24,6 @@ from tpt_jax import faults, io
 from tpt_jax.config import ModelConfig, TptError
 from tpt_jax.gemma import hub
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
-
-log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- config.json
 
@@ -419,30 +416,3 @@ def read_model_json(ckpt_dir: str) -> ModelConfig:
         return ModelConfig(**raw)
     except TypeError as e:
         raise TptError(f"{ckpt_dir}/model.json: {e}") from None
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli(parser) -> None:
-    parser.add_argument("src", help="source checkpoint directory (local or gs://)")
-    parser.add_argument("dst", help="destination directory (local or gs://)")
-    parser.add_argument("--to", choices=["orbax", "hf"], required=True,
-                        help="orbax: HF safetensors -> Orbax params; hf: Orbax params -> HF")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the written weights")
-    parser.set_defaults(func=_convert)
-
-
-def _convert(args) -> int:
-    from tpt_jax.gemma.model import make_model
-    if args.to == "orbax":
-        cfg = read_hf_config(_stage_local(args.src))
-        model = make_model(cfg, param_dtype=args.dtype)
-        save_params(load_hf(args.src, model), cfg, args.dst)
-    else:
-        cfg = read_model_json(args.src)
-        model = make_model(cfg)
-        save_hf(load_params(args.src, model), cfg, args.dst, dtype=args.dtype)
-    log.info("wrote %s (%s)", args.dst, args.to)
-    return 0
