@@ -17,7 +17,7 @@ COMMANDS = {
     "run": ("tpt_jax.loop.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
     "think": ("tpt_jax.stages.think", "sample n reasoning traces per question into JSONL shards"),
     "prune": ("tpt_jax.stages.prune", "verify samples against gold answers and select training data"),
-    "train": ("tpt_jax.stages.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
+    "train": ("tpt_jax.stages.train_cli", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
     "eval": ("tpt_jax.stages.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
     "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
     "convert": ("tpt_jax.gemma.export", "convert between HF safetensors checkpoints and Orbax params"),

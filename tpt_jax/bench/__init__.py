@@ -10,7 +10,7 @@ import sys
 
 BENCHES = {
     "sample": ("tpt_jax.stages.sampler", "generated tokens/s of the sampler (random init)"),
-    "train": ("tpt_jax.stages.train", "trained tokens/s and MFU of the SFT step"),
+    "train": ("tpt_jax.bench.train", "trained tokens/s and MFU of the SFT step"),
     "prune": ("tpt_jax.stages.prune", "records/s of tpt prune on synthetic samples"),
 }
 
