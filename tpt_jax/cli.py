@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is None and not argv:
         build_parser(only="").print_help()
         return 2
+    # JAX probes every backend at its first use and logs each one missing ("Unable to initialize
+    # backend 'tpu'") at INFO, which our INFO logging would print first on every CPU machine.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         from tpt_jax import distributed
 
