@@ -87,3 +87,14 @@ def test_a_local_directory_wins_over_an_id(hub_home, tmp_path, monkeypatch):
     assert hub.resolve("acme/gemma-tiny") == "acme/gemma-tiny"
     assert hub.resolve("gs://b/acme") == "gs://b/acme" and hub.resolve(None) is None
     assert not hub.is_hub_id("runs/a/r00/params") and not hub.is_hub_id("./x/y")
+
+
+def test_convert_from_a_hub_id_and_back_with_its_tokenizer(hub_home, tmp_path):
+    from tpt_jax import cli
+    _, src = hub_home
+    orbax, hf = str(tmp_path / "orbax"), tmp_path / "hf"
+    assert cli.main(["convert", "acme/gemma-tiny", orbax, "--to", "orbax"]) == 0
+    assert cli.main(["convert", orbax, str(hf), "--to", "hf", "--tokenizer", "acme/gemma-tiny"]) == 0
+    assert weights.read_hf_config(str(hf)) == weights.read_hf_config(src)
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(hf))
+    assert load_tokenizer(str(hf)).encode("two plus three") == [5, 7, 6]

@@ -22,15 +22,17 @@ from tpt_jax.gemma import weights
 log = logging.getLogger(__name__)
 
 
-def export_hf(params: Any, model_cfg: ModelConfig, tokenizer_source: Optional[str], out_dir: str,
+def export_hf(params: Any, model_cfg: ModelConfig, tokenizer_source: Any, out_dir: str,
               dtype: str = "float32") -> None:
     """Weights + tokenizer + generation_config.json in `out_dir` (local or gs://).
-    `tokenizer_source` is what `load_tokenizer` takes (None / "builtin", a .model file, an HF
-    dir or Hub id). Every process must call it (weights are gathered); process 0 writes."""
+    `tokenizer_source`: a loaded tokenizer, or what `load_tokenizer` takes (None / "builtin", a
+    .model file, an HF dir or Hub id). Every process must call it (weights are gathered);
+    process 0 writes."""
     weights.save_hf(params, model_cfg, out_dir, dtype=dtype)
     if jax.process_index() != 0:
         return
-    tok = T.load_tokenizer(tokenizer_source)
+    loaded = tokenizer_source is not None and not isinstance(tokenizer_source, str)
+    tok = tokenizer_source if loaded else T.load_tokenizer(tokenizer_source)
     local = tempfile.mkdtemp(prefix="tpt-export-tok-")
     try:
         save_tokenizer(tok, local)

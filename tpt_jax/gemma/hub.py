@@ -96,7 +96,8 @@ def check_gemma2(hub_id: str, local: str) -> None:
     if not os.path.exists(where):
         raise TptError(f"checkpoint {hub_id}: the repository has no config.json")
     if not any(f.endswith(".safetensors") for f in os.listdir(local)):
-        raise TptError(f"checkpoint {hub_id}: the repository has no safetensors weights")
+        where = "the cached snapshot" if offline() else "the repository"
+        raise TptError(f"checkpoint {hub_id}: {where} has no safetensors weights ({local})")
     try:
         with open(where, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
