@@ -98,3 +98,22 @@ def test_convert_from_a_hub_id_and_back_with_its_tokenizer(hub_home, tmp_path):
     assert weights.read_hf_config(str(hf)) == weights.read_hf_config(src)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(hf))
     assert load_tokenizer(str(hf)).encode("two plus three") == [5, 7, 6]
+
+
+def test_think_and_eval_cli_args_resolve_ids(hub_home):
+    import argparse
+
+    from tpt_jax import cli
+    _, src = hub_home
+    think = argparse.Namespace(checkpoint="acme/gemma-tiny@main", source=None)
+    cli._resolve_hub_args("think", think)
+    assert os.path.samefile(os.path.join(think.checkpoint, "config.json"),
+                            os.path.join(hub.cache_dir(), "models--acme--gemma-tiny", "snapshots",
+                                         REV, "config.json"))
+    assert think.source == "gemma-tiny"  # the model's name in sample records, not the hash
+    ev = argparse.Namespace(params="acme/gemma-tiny")
+    cli._resolve_hub_args("eval", ev)
+    assert ev.params == think.checkpoint
+    local = argparse.Namespace(params=src)
+    cli._resolve_hub_args("eval", local)
+    assert local.params == src
