@@ -22,14 +22,19 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "huggingface_hub>=0.24",
+        "tensorboardX>=2.6",
         "math-verify>=0.7",
         "sympy",
         "matplotlib",
     ],
     extras_require={
         # torch is only the HF parity reference; 2.13.0 is the CPU build this workplace carries.
-        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0"],
+        # tensorboard: its event reader checks what tracking wrote.
+        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "tensorboard"],
         "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],  # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA and cuDNN from pip)
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["tpt=tpt_jax.cli:main"]},
 )

@@ -17,10 +17,10 @@ COMMANDS = {
     "run": ("tpt_jax.loop.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
     "think": ("tpt_jax.stages.think", "sample n reasoning traces per question into JSONL shards"),
     "prune": ("tpt_jax.stages.prune", "verify samples against gold answers and select training data"),
-    "train": ("tpt_jax.stages.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
+    "train": ("tpt_jax.stages.train_cli", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
     "eval": ("tpt_jax.stages.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
     "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
-    "convert": ("tpt_jax.gemma.weights", "convert between HF safetensors checkpoints and Orbax params"),
+    "convert": ("tpt_jax.gemma.export", "convert between HF safetensors checkpoints and Orbax params"),
     "plan": ("tpt_jax.bench.plan", "ahead-of-time per-device memory plan for a config on N devices"),
     "budget": ("tpt_jax.methods.planner", "compute-matched samples per question for two models"),
 }
@@ -40,12 +40,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_hub_args(command: str | None, args) -> None:
+    """`tpt think --checkpoint` and `tpt eval --params` look for config.json or model.json in
+    the directory before loading, so a Hub id (ORG/NAME[@REV]) becomes its snapshot dir here
+    (run, train and convert resolve ids where they open the checkpoint)."""
+    from tpt_jax.gemma import hub
+
+    name = {"think": "checkpoint", "eval": "params"}.get(command or "")
+    value = getattr(args, name, None) if name else None
+    if not hub.is_hub_id(value):
+        return
+    if command == "think" and not getattr(args, "source", None):
+        args.source = value.split("@")[0].split("/")[-1]  # the model name, not the snapshot hash
+    setattr(args, name, hub.resolve(value, "checkpoint"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
     if chosen is None and not argv:
         build_parser(only="").print_help()
         return 2
+    # JAX probes every backend at its first use and logs each one missing ("Unable to initialize
+    # backend 'tpu'") at INFO, which our INFO logging would print first on every CPU machine.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         from tpt_jax import distributed
 
@@ -62,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        _resolve_hub_args(chosen, args)
         result = args.func(args)
         return int(result or 0)
     except TptError as e:

@@ -181,7 +181,7 @@ class SourceConfig:
 
     name: str = "other"  # the `source` of its sample records
     model: str = "test-tiny"  # preset (architecture) when no checkpoint says otherwise
-    checkpoint: Optional[str] = None  # Orbax params dir (model.json) or HF dir; None: random
+    checkpoint: Optional[str] = None  # Orbax params dir, HF dir or Hub id; None: random
     n: Optional[int] = None  # samples per question; None: compute-matched to think.n
 
 
@@ -195,12 +195,21 @@ class SourcesConfig:
 
 
 @dataclasses.dataclass
+class TrackingConfig:
+    """Experiment tracking (tpt_jax/loop/tracking.py); changing it never changes results."""
+
+    tensorboard: bool = True  # event files under the run dir's tb/
+    wandb_project: Optional[str] = None  # also log to W&B (when `wandb` is installed)
+    wandb_entity: Optional[str] = None
+
+
+@dataclasses.dataclass
 class RunConfig:
     """A whole TPT run: model, mesh, data, and each stage's settings."""
 
     model: str = "test-tiny"  # preset name
-    checkpoint: Optional[str] = None  # HF checkpoint dir (local or gs://) to start from
-    tokenizer: Optional[str] = None  # sentencepiece model / HF tokenizer dir
+    checkpoint: Optional[str] = None  # HF checkpoint: local or gs:// dir, or Hub id ORG/NAME[@REV]
+    tokenizer: Optional[str] = None  # sentencepiece model / HF tokenizer dir / Hub id
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     prompt: str = "zero-shot"
@@ -215,6 +224,7 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
     sources: SourcesConfig = dataclasses.field(default_factory=SourcesConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     # Per-round changes: {round: partial config}, e.g. {2: {think: {n: 8}}}.
     per_round: dict = dataclasses.field(default_factory=dict)
 
@@ -301,8 +311,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def fingerprint(cfg: Any) -> str:
-    """Stable short hash of a config, stored with checkpoints and run state."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    """Stable short hash of a config, stored with checkpoints and run state; `tracking` is left
+    out (where metrics are logged changes no result, and a resumed run may change it)."""
+    data = to_dict(cfg)
+    data.pop("tracking", None)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -444,6 +457,10 @@ def validate_run(cfg: RunConfig) -> RunConfig:
         round_config(cfg, r)  # raises on a bad key or value inside
     if cfg.eval.n < 0 or any((not isinstance(k, int)) or k < 1 for k in cfg.eval.k):
         raise ConfigError("eval.n must be >= 0 and eval.k a list of positive integers")
+    for name in ("wandb_project", "wandb_entity"):
+        value = getattr(cfg.tracking, name)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"tracking.{name} must be a non-empty name or null, got {value!r}")
     return cfg
 
 

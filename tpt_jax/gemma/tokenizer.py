@@ -19,6 +19,7 @@ from typing import Optional, Protocol, Sequence
 
 from tpt_jax import io as tio
 from tpt_jax.config import TptError
+from tpt_jax.gemma import hub
 
 GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = 0, 1, 2, 3
 BUILTIN_VOCAB_SIZE = 256
@@ -203,9 +204,10 @@ def builtin_tokenizer(cache_dir: Optional[str | os.PathLike] = None,
 
 def load_tokenizer(spec: Optional[str], cache_dir: Optional[str | os.PathLike] = None) -> Tokenizer:
     """`spec`: None or "builtin" -> the synthetic task's tokenizer; a sentencepiece model file
-    (local or gs://); or a directory: HF tokenizer files, else a `tokenizer.model` inside it."""
+    (local or gs://); or a directory (or Hub id): HF tokenizer files, else a `tokenizer.model`."""
     if spec is None or spec == "builtin":
         return builtin_tokenizer(cache_dir)
+    spec = hub.resolve(spec, "tokenizer")  # a Hub id -> its cached tokenizer files
     p = tio.path(spec)
     if not p.exists():
         raise TptError(f"tokenizer {spec}: not found (give a sentencepiece .model file, an HF "

@@ -8,7 +8,6 @@ and the architecture are checked up front from metadata alone, with one-line err
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import tempfile
@@ -21,18 +20,17 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
-from tpt_jax.gemma import manifest
+from tpt_jax.gemma import hub, manifest
 from tpt_jax.config import TptError
 from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
-
-log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- config.json
 
 
 def read_hf_config(ckpt_dir: str) -> ModelConfig:
     """config.json (as transformers writes it) -> ModelConfig, rejecting other architectures."""
+    ckpt_dir = hub.resolve(ckpt_dir, "checkpoint")  # a Hub id -> its cached snapshot
     where = f"{ckpt_dir}/config.json"
     raw = io.read_json(where)
     if raw.get("model_type") != "gemma2":
@@ -227,7 +225,9 @@ class _Tensors:
 
 
 def _stage_local(ckpt_dir: str) -> str:
-    """gs:// checkpoints are copied to a local temp dir (safetensors needs a file)."""
+    """Hub ids resolve to their cached snapshot; gs:// checkpoints are copied to a local temp
+    dir (safetensors needs a file)."""
+    ckpt_dir = hub.resolve(ckpt_dir, "checkpoint")
     if not io.is_remote(ckpt_dir):
         return ckpt_dir
     local = tempfile.mkdtemp(prefix="tpt-hf-")
@@ -394,30 +394,3 @@ def read_model_json(ckpt_dir: str) -> ModelConfig:
         return ModelConfig(**raw)
     except TypeError as e:
         raise TptError(f"{ckpt_dir}/model.json: {e}") from None
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli(parser) -> None:
-    parser.add_argument("src", help="source checkpoint directory (local or gs://)")
-    parser.add_argument("dst", help="destination directory (local or gs://)")
-    parser.add_argument("--to", choices=["orbax", "hf"], required=True,
-                        help="orbax: HF safetensors -> Orbax params; hf: Orbax params -> HF")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the written weights")
-    parser.set_defaults(func=_convert)
-
-
-def _convert(args) -> int:
-    from tpt_jax.gemma.model import make_model
-    if args.to == "orbax":
-        cfg = read_hf_config(_stage_local(args.src))
-        model = make_model(cfg, param_dtype=args.dtype)
-        save_params(load_hf(args.src, model), cfg, args.dst)
-    else:
-        cfg = read_model_json(args.src)
-        model = make_model(cfg)
-        save_hf(load_params(args.src, model), cfg, args.dst, dtype=args.dtype)
-    log.info("wrote %s (%s)", args.dst, args.to)
-    return 0

@@ -70,3 +70,25 @@ def save_png(fig, out_path: str) -> str:
     plt.close(fig)
     os.replace(tmp, out_path)
     return out_path
+
+
+def describe_start(s) -> str:
+    """The first lines of `tpt run`: what runs where (devices, mesh, model, tokenizer, data).
+    `s` is `rounds.Setup` (cfg, mesh, model, tokenizer, train_questions, eval_questions)."""
+    import jax
+
+    cfg, devices = s.cfg, jax.devices()
+    kind = devices[0].device_kind if devices else "?"
+    mesh = " ".join(f"{name}={size}" for name, size in s.mesh.shape.items())
+    m = s.model.cfg
+    source = cfg.checkpoint or f"random init of preset {cfg.model}"
+    return "\n".join([
+        f"devices: {len(devices)} x {devices[0].platform} ({kind}) on {jax.process_count()} "
+        f"process(es); mesh {mesh}",
+        f"model: {m.param_count() / 1e6:,.1f}M parameters ({m.num_layers} layers, width "
+        f"{m.embed_dim}) from {source}; compute {cfg.dtype}, params {cfg.param_dtype}",
+        f"tokenizer: {getattr(s.tokenizer, 'name', cfg.tokenizer or 'builtin')} "
+        f"({s.tokenizer.vocab_size} tokens)",
+        f"data: {cfg.data.source}: {len(s.train_questions)} training questions, "
+        f"{len(s.eval_questions)} {cfg.eval.split} questions; {cfg.rounds} rounds",
+    ])

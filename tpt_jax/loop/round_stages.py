@@ -6,6 +6,7 @@ artifact, with a loader for runs that resume after the stage was done.
     prune                  samples           -> rNN/train.jsonl, prune_stats.json
     train                  params, examples  -> rNN/train/, rNN/params/  -> params
     eval                   params            -> rNN/eval.json
+    export (after the last round)            -> DIR/hf/ (HF checkpoint + tokenizer)
 
 Weights arrive as `Artifact`s (`loop/runner.py`), so a stage that is already done never loads
 the weights it would have needed. Only process 0 writes files.
@@ -18,10 +19,11 @@ from typing import Any
 from tpt_jax import io
 from tpt_jax.config import TptError
 from tpt_jax.data.sources import seed_examples
-from tpt_jax.gemma import sharding, weights
+from tpt_jax.gemma import export, sharding, weights
 from tpt_jax.loop.rundir import RunDir
 from tpt_jax.loop.runner import Artifact
 from tpt_jax.loop.setup import Setup
+from tpt_jax.loop.tracking import Tracker
 from tpt_jax.methods import influence, multimodel
 from tpt_jax.methods import synthesize as synth
 from tpt_jax.stages import evaluate, prune, think, train
@@ -66,7 +68,7 @@ def think_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
     if rc.sources.self:
         think.think(params.get(), s.model, s.tokenizer, questions.get(), rc.think,
                     rd.path(tag(r), "samples"), s.mesh, template=rc.prompt, shots=s.shots,
-                    source=self_name(s, r))
+                    source=self_name(s, r), progress=s.progress)
     multimodel.think_sources(rc, s, questions.get(), rd.path(tag(r), "sources"), r)
 
 
@@ -111,13 +113,14 @@ def round_examples(s: Setup, rd: RunDir, rc, r: int) -> list[dict]:
     return [rec for _, rec in io.read_jsonl(rd.path(tag(r), "train.jsonl"))]
 
 
-def train_round(s: Setup, rd: RunDir, rc, r: int, start: Artifact) -> Any:
+def train_round(s: Setup, rd: RunDir, rc, r: int, start: Artifact, tracker: Tracker) -> Any:
     """Fine-tune `start` on the round's examples (resuming from rNN/train/ checkpoints) and
     save rNN/params; with no examples the model is carried over unchanged."""
     examples = round_examples(s, rd, rc, r)
     if examples:
         params, _ = train.train(start.get(), s.model, s.tokenizer, examples, rc.train,
-                                rd.path(tag(r), "train"), s.mesh, label=f"round {r} train")
+                                rd.path(tag(r), "train"), s.mesh, label=f"round {r} train",
+                                tracker=tracker.train(r), progress=s.progress)
     else:
         log.warning("round %d: prune kept no training examples (see %s); the model is carried "
                     "over unchanged", r, rd.path(tag(r), "prune_stats.json"))
@@ -126,7 +129,7 @@ def train_round(s: Setup, rd: RunDir, rc, r: int, start: Artifact) -> Any:
     return params
 
 
-def load_trained(s: Setup, rd: RunDir, rc, r: int, start: Artifact) -> Any:
+def load_trained(s: Setup, rd: RunDir, rc, r: int, start: Artifact, tracker: Tracker) -> Any:
     """Round r's saved params; when they are marked done but unreadable (damaged or deleted
     files), the train stage is redone: it resumes from its last checkpoint, so the redo is
     quick and gives the same params."""
@@ -136,7 +139,7 @@ def load_trained(s: Setup, rd: RunDir, rc, r: int, start: Artifact) -> Any:
     except TptError as e:
         log.warning("%s is unreadable (%s); redoing round %d's train stage from its "
                     "checkpoints", where, e, r)
-        return train_round(s, rd, rc, r, start)
+        return train_round(s, rd, rc, r, start, tracker)
 
 
 # --------------------------------------------------------------------------------- eval
@@ -153,3 +156,13 @@ def eval_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact) -> None:
 
 def load_eval(rd: RunDir, r: int) -> dict:
     return io.read_json(rd.path(tag(r), "eval.json"))
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def export_final(s: Setup, rd: RunDir, params: Artifact) -> None:
+    """The last round's model as an HF checkpoint with its tokenizer and generation config
+    (DIR/hf): `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load it as it is."""
+    export.export_hf(params.get(), s.model.cfg, s.tokenizer, rd.path("hf"),
+                     dtype=s.cfg.param_dtype)

@@ -11,6 +11,8 @@ running the same command again resumes where it stopped:
     DIR/rNN/train/          Train: Orbax checkpoints (resumable per step)
     DIR/rNN/params/         the round's final params (what a resumed run reloads)
     DIR/rNN/eval.json       Eval: metrics and per-question verdicts
+    DIR/hf/                 the last round's model as an HF checkpoint, with its tokenizer
+    DIR/tb/                 TensorBoard events: per train step, and per round
 
 The weights each stage uses are the previous stage's `Artifact`: in memory when this process
 trained them, else loaded from that round's params, never an earlier round's.
@@ -21,38 +23,51 @@ import functools
 import logging
 
 from tpt_jax import io
-from tpt_jax.config import RunConfig, round_config
+from tpt_jax.config import RunConfig, round_config, to_dict
 from tpt_jax.loop import report
 from tpt_jax.loop import round_stages as st
 from tpt_jax.loop.rundir import RunDir
 from tpt_jax.loop.runner import Artifact, run_stage
 from tpt_jax.loop.setup import Setup, base_params, config_from_args, setup
+from tpt_jax.loop.tracking import Tracker
 from tpt_jax.methods import multimodel
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
+def run(cfg: RunConfig, out_dir: str, force: bool = False, progress: bool = True) -> list[dict]:
     """Run (or resume) all rounds; returns the metrics records (also in DIR/metrics.json)."""
-    s = setup(cfg)  # everything is checked before the run directory is touched
+    s = setup(cfg, progress)  # everything is checked before the run directory is touched
     with RunDir(out_dir, cfg, force) as rd:
-        base = Artifact(load=functools.partial(base_params, s))
-        model, metrics = base, []
-        for r in range(cfg.rounds + 1):
-            record, model = run_round(s, rd, r, model, base)
-            metrics.append(record)
-            if rd.primary:
-                io.write_json_atomic(rd.path("metrics.json"), metrics)
-            log.info("round %d: greedy pass@1 %.1f%%", r, 100 * record["pass@1"])
+        tracker = Tracker(out_dir, cfg.tracking, config=to_dict(cfg))
+        try:
+            metrics = run_rounds(s, rd, tracker)
+        finally:
+            tracker.close()
         finish(rd, metrics)
         return metrics
 
 
-def run_round(s: Setup, rd: RunDir, r: int, prev: Artifact, base: Artifact) -> tuple[dict, Artifact]:
+def run_rounds(s: Setup, rd: RunDir, tracker: Tracker) -> list[dict]:
+    base = Artifact(load=functools.partial(base_params, s))
+    model, metrics = base, []
+    for r in range(s.cfg.rounds + 1):
+        record, model = run_round(s, rd, r, model, base, tracker)
+        metrics.append(record)
+        tracker.round_end(record)
+        if rd.primary:
+            io.write_json_atomic(rd.path("metrics.json"), metrics)
+        log.info("round %d: greedy pass@1 %.1f%%", r, 100 * record["pass@1"])
+    run_stage(rd, "export", {}, functools.partial(st.export_final, s, rd, model))
+    return metrics
+
+
+def run_round(s: Setup, rd: RunDir, r: int, prev: Artifact, base: Artifact,
+              tracker: Tracker) -> tuple[dict, Artifact]:
     """One round as its list of stages; returns its metrics record and its trained model."""
     rc, tag, wall = round_config(s.cfg, r), st.tag(r), {}
     if r == 0:
-        return round_zero(s, rd, rc, base, wall)
+        return round_zero(s, rd, rc, base, tracker, wall)
     questions = Artifact(s.train_questions)
     if rc.synthesize.enabled:
         questions = run_stage(rd, f"{tag}/synthesize", wall,
@@ -63,7 +78,7 @@ def run_round(s: Setup, rd: RunDir, r: int, prev: Artifact, base: Artifact) -> t
     run_stage(rd, f"{tag}/prune", wall,
               functools.partial(st.prune_round, s, rd, rc, r, prev, questions))
     start = base if rc.init_from == "base" else prev
-    model = train_stage(s, rd, rc, r, start, wall)
+    model = train_stage(s, rd, rc, r, start, tracker, wall)
     run_stage(rd, f"{tag}/eval", wall, functools.partial(st.eval_round, s, rd, rc, r, model))
     stats = st.load_prune_stats(rd, r)
     record = {"round": r, "train_examples": stats["counts"]["kept"],
@@ -73,18 +88,20 @@ def run_round(s: Setup, rd: RunDir, r: int, prev: Artifact, base: Artifact) -> t
     return eval_record(rd, r, record, wall), model
 
 
-def round_zero(s: Setup, rd: RunDir, rc, base: Artifact, wall: dict) -> tuple[dict, Artifact]:
+def round_zero(s: Setup, rd: RunDir, rc, base: Artifact, tracker: Tracker,
+               wall: dict) -> tuple[dict, Artifact]:
     """The starting model, fine-tuned on the seed solutions when the data has any."""
     examples = len(st.round_examples(s, rd, rc, 0))
-    model = train_stage(s, rd, rc, 0, base, wall) if examples else base
+    model = train_stage(s, rd, rc, 0, base, tracker, wall) if examples else base
     run_stage(rd, "r00/eval", wall, functools.partial(st.eval_round, s, rd, rc, 0, model))
     return eval_record(rd, 0, {"round": 0, "train_examples": examples}, wall), model
 
 
-def train_stage(s: Setup, rd: RunDir, rc, r: int, start: Artifact, wall: dict) -> Artifact:
+def train_stage(s: Setup, rd: RunDir, rc, r: int, start: Artifact, tracker: Tracker,
+                wall: dict) -> Artifact:
     return run_stage(rd, f"{st.tag(r)}/train", wall,
-                     functools.partial(st.train_round, s, rd, rc, r, start),
-                     functools.partial(st.load_trained, s, rd, rc, r, start))
+                     functools.partial(st.train_round, s, rd, rc, r, start, tracker),
+                     functools.partial(st.load_trained, s, rd, rc, r, start, tracker))
 
 
 def eval_record(rd: RunDir, r: int, record: dict, wall: dict) -> dict:
@@ -115,6 +132,8 @@ def add_cli(parser) -> None:
                         help="run directory, local or gs:// (default: runs/<config name>)")
     parser.add_argument("--force", action="store_true",
                         help="resume even though the config changed since the run started")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="log lines instead of progress bars (also when not a terminal)")
     parser.set_defaults(func=_cli)
 
 
@@ -122,5 +141,5 @@ def _cli(args) -> int:
     cfg = config_from_args(args.config, args.overrides)
     first = args.config if args.config and "=" not in args.config else "tiny_cpu"
     name = first.rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")
-    run(cfg, args.output or f"runs/{name}", force=args.force)
+    run(cfg, args.output or f"runs/{name}", force=args.force, progress=not args.no_progress)
     return 0

@@ -18,6 +18,7 @@ from tpt_jax.data.sources import load_split
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma import sharding, weights
 from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
+from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
 from tpt_jax.stages import prompts
 from tpt_jax.stages.train import check_batch
@@ -36,9 +37,10 @@ class Setup:
     train_questions: list
     eval_questions: list
     shots: list
+    progress: bool = True  # progress bars (also off when stderr is not a terminal)
 
 
-def setup(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig, progress: bool = True) -> Setup:
     """Mesh, model, tokenizer and data for a config (no weights yet)."""
     mesh = sharding.make_mesh(cfg.mesh)
     for r in range(cfg.rounds + 1):  # a batch that cannot split over the devices fails now
@@ -53,9 +55,10 @@ def setup(cfg: RunConfig) -> Setup:
     if cfg.eval.limit:
         eval_q = eval_q[: cfg.eval.limit]
     shots = prompts.pick_shots(train_q, prompts.num_shots(cfg.prompt))
-    log.info("data: %d training questions, %d %s questions", len(train_q), len(eval_q),
-             cfg.eval.split)
-    return Setup(cfg, mesh, model, tokenizer, train_q, eval_q, shots)
+    s = Setup(cfg, mesh, model, tokenizer, train_q, eval_q, shots, progress)
+    for line in report.describe_start(s).splitlines():
+        log.info("%s", line)
+    return s
 
 
 def base_params(s: Setup) -> Any:

@@ -38,8 +38,8 @@ def source_model_config(src: SourceConfig) -> ModelConfig:
     its preset."""
     if not src.checkpoint:
         return model_preset(src.model)
-    from tpt_jax.gemma import weights
-    root = tio.path(src.checkpoint)
+    from tpt_jax.gemma import hub, weights
+    root = tio.path(hub.resolve(src.checkpoint, "checkpoint"))  # a Hub id: its snapshot
     if (root / "model.json").exists():
         return weights.read_model_json(src.checkpoint)
     if (root / "config.json").exists():

@@ -253,8 +253,8 @@ def _host_metrics(pending: list) -> list[dict]:
 
 def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: TrainConfig,
           out_dir: str, mesh: Optional[Mesh] = None, eval_examples: Optional[Sequence[dict]] = None,
-          *, donate: bool = False, stop_at: Optional[int] = None,
-          label: str = "train") -> tuple[Any, dict]:
+          *, donate: bool = False, stop_at: Optional[int] = None, label: str = "train",
+          tracker: Any = None, progress: bool = True) -> tuple[Any, dict]:
     """Fine-tune `params` on `examples` (records with `prompt` and `completion`).
 
     Resumes from `out_dir/checkpoints` when it holds a checkpoint of the same config and data
@@ -263,6 +263,8 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
     end. Returns (params, metrics): the best-by-eval-loss params when `use_best` and an eval
     set exist, else the final ones. `donate=True` lets training consume the caller's `params`
     buffers; `stop_at=k` checkpoints after step k and returns (a planned interruption).
+    `tracker` (`tpt_jax.loop.tracking.TrainTracker`) gets every step's metrics; `progress`
+    shows a progress bar on a terminal (the step log lines when there is none).
 
     A non-finite loss or gradient norm (seen on the host at each log, eval or save point,
     always before a save) stops training with a TptError naming `label` and the step; the
@@ -364,31 +366,40 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
     pending, t0, tokens_seen = [], time.perf_counter(), 0
     end = total if stop_at is None else min(total, stop_at)
     step = start
-    for step in range(start + 1, end + 1):
-        batch_rows = plan[step - 1]
-        length = sft_data.row_length(batch_rows, lengths, cfg.pack, cfg.max_length,
-                                     cfg.length_bucket)
-        batch = sft_data.build_batch(batch_rows, train_enc, cfg.batch_size, length, 0,
-                                     cfg.loss_bucket)
-        tokens_seen += int(batch["weights"].sum())
-        state, metrics = stepper.train_step(state, batch, sched)
-        pending.append((step, metrics))
-        faults.point("step")
-        last = step == end
-        if step % cfg.log_every == 0 or last or (cfg.eval_every and step % cfg.eval_every == 0) \
-                or (cfg.save_every and step % cfg.save_every == 0):
-            fetched = _host_metrics(pending)
-            history.extend(fetched)
-            pending = []
-            stop_if_not_finite(fetched)
-            h = history[-1]
-            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g (%.0f trained tokens/s)",
-                     step, total, h["loss"], h["lr"], h["grad_norm"],
-                     tokens_seen / max(1e-9, time.perf_counter() - t0))
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            run_eval(step)
-        if last or (cfg.save_every and step % cfg.save_every == 0):
-            save(step)
+    tracker = tracker or _NoTracker()
+    tracker.begin(start, total)
+    bar = progress_bar(label, start, total, progress)
+    try:
+        for step in range(start + 1, end + 1):
+            batch_rows = plan[step - 1]
+            length = sft_data.row_length(batch_rows, lengths, cfg.pack, cfg.max_length,
+                                         cfg.length_bucket)
+            batch = sft_data.build_batch(batch_rows, train_enc, cfg.batch_size, length, 0,
+                                         cfg.loss_bucket)
+            tokens_seen += int(batch["weights"].sum())
+            state, metrics = stepper.train_step(state, batch, sched)
+            pending.append((step, metrics))
+            faults.point("step")
+            bar.update(1)
+            last = step == end
+            if step % cfg.log_every == 0 or last or (cfg.eval_every and step % cfg.eval_every == 0) \
+                    or (cfg.save_every and step % cfg.save_every == 0):
+                fetched = _host_metrics(pending)
+                history.extend(fetched)
+                pending = []
+                stop_if_not_finite(fetched)
+                rate = tokens_seen / max(1e-9, time.perf_counter() - t0)
+                for h in fetched:
+                    tracker.step(h["step"], {**h, "tokens_per_s": rate})
+                _report(bar, history[-1], total, rate)
+            if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                run_eval(step)
+            if last or (cfg.save_every and step % cfg.save_every == 0):
+                save(step)
+                tracker.flush()
+    finally:
+        bar.close()
+        tracker.close()
     elapsed = time.perf_counter() - t0
     ckpts.wait()
     best_ckpts.wait()
@@ -419,6 +430,36 @@ def train(params: Any, model: Gemma2, tokenizer, examples: Sequence[dict], cfg: 
     return params, metrics
 
 
+class _NoTracker:
+    """`train(tracker=None)`: the TrainTracker interface, doing nothing."""
+
+    def begin(self, start: int, total: int) -> None: ...
+
+    def step(self, step: int, metrics: dict) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(label: str, start: int, total: int, show: bool = True):
+    """Steps done / total, loss, tokens/s and ETA, like Think's bar; off with `show=False`, on
+    processes other than 0 and when stderr is not a terminal (tqdm's `disable=None`)."""
+    from tqdm.auto import tqdm
+    off = True if not show or jax.process_index() != 0 else None
+    return tqdm(total=total, initial=start, unit="step", desc=label, dynamic_ncols=True,
+                disable=off)
+
+
+def _report(bar, h: dict, total: int, rate: float) -> None:
+    """The latest logged step: on the bar when it shows, else as a log line."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{h['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+        return
+    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g (%.0f trained tokens/s)",
+             h["step"], total, h["loss"], h["lr"], h["grad_norm"], rate)
+
+
 def _write_log(root, history: list, evals: list) -> None:
     if jax.process_index() != 0:
         return
@@ -432,74 +473,3 @@ def _check_vocab(tokenizer, vocab_size: int) -> None:
     except ImportError:
         return
     check_vocab(tokenizer, vocab_size)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _qualify(override: str) -> str:
-    """`learning_rate=1e-5` -> `train.learning_rate=1e-5` (bare train keys are accepted)."""
-    key = override.split("=", 1)[0].strip()
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    return f"train.{override.strip()}" if "." not in key and key in train_keys else override
-
-
-def add_cli(parser) -> None:
-    parser.add_argument("--examples", required=True,
-                        help="training examples JSONL (prompt, completion; written by tpt prune)")
-    parser.add_argument("--eval-examples", help="held-out examples JSONL for the eval loss "
-                        "(default: train.eval_fraction of --examples, if set)")
-    parser.add_argument("--checkpoint", help="HF Gemma2 checkpoint dir (local or gs://); default: "
-                        "the config's checkpoint, else a random init of the config's model preset")
-    parser.add_argument("--tokenizer", help="sentencepiece .model, HF tokenizer dir or 'builtin' "
-                        "(default: the config's tokenizer)")
-    parser.add_argument("--out", required=True, help="output dir: checkpoints/, best/, model/, logs")
-    parser.add_argument("--config", help="run config YAML or a configs/ name (default: built-in "
-                        "defaults: TPT's lr 1e-6, batch 8, max length 1600, 1 epoch)")
-    parser.add_argument("--no-export", action="store_true",
-                        help="do not write the trained params as an HF checkpoint to OUT/model")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.learning_rate=1e-5 or learning_rate=1e-5")
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from tpt_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
-                                resolve_config_path, validate_run)
-    from tpt_jax.gemma.config import model_preset
-    from tpt_jax.gemma.model import init_params, make_model
-    from tpt_jax.gemma.tokenizer import load_tokenizer
-    from tpt_jax.gemma.weights import load_hf, read_hf_config, save_hf
-
-    data = read_yaml(resolve_config_path(args.config)) if args.config else {}
-    data = apply_overrides(data, [_qualify(o) for o in args.overrides])
-    cfg = validate_run(from_dict(RunConfig, data, "config"))
-    mesh = make_mesh(cfg.mesh)
-    ckpt = args.checkpoint or cfg.checkpoint
-    mcfg = read_hf_config(ckpt) if ckpt else model_preset(cfg.model)
-    model = make_model(mcfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
-    if ckpt:
-        params = load_hf(ckpt, model, mesh, TRAIN_RULES)
-    else:
-        log.warning("no --checkpoint: training a random init of model preset %r", cfg.model)
-        params = init_params(model, jax.random.key(cfg.seed), mesh, TRAIN_RULES)
-    tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
-    examples = _read_examples(args.examples)
-    evals = _read_examples(args.eval_examples) if args.eval_examples else None
-    params, metrics = train(params, model, tokenizer, examples, cfg.train, args.out, mesh, evals,
-                            donate=True)
-    if not args.no_export:
-        save_hf(params, mcfg, str(io.path(args.out) / "model"), dtype=cfg.param_dtype)
-    summary = {k: metrics[k] for k in ("steps", "total_steps", "resumed_from", "final_loss",
-                                       "best_step", "best_eval_loss", "examples",
-                                       "trained_tokens_per_s")}
-    print(json.dumps(summary))
-    return 0
-
-
-def _read_examples(p: str) -> list[dict]:
-    skips = io.Skips()
-    records = [r for _, r in io.read_jsonl(p, skips, required=("prompt", "completion"))]
-    if skips.total():
-        log.warning("%s: skipped %d records: %s", p, skips.total(), skips.summary())
-    return records
