@@ -25,7 +25,7 @@ from tpt_jax import distributed, faults, io
 from tpt_jax.methods import multimodel
 from tpt_jax.loop import report
 from tpt_jax.config import RunConfig, TptError, load_run_config, model_preset, round_config
-from tpt_jax.loop.rundir import RunDir
+from tpt_jax.loop.rundir import RunDir, check_output
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False) -> list[dict]:
     from tpt_jax.gemma import sharding, weights
     from tpt_jax.data.sources import seed_examples
 
+    check_output(out_dir, cfg, force)  # a refused start writes nothing
+    s = setup(cfg)
     with RunDir(out_dir, cfg, force) as rd:
-        s = setup(cfg)
         metrics: list[dict] = []
         base: Optional[Any] = None
         params: Optional[Any] = None  # the latest model, in memory

@@ -94,6 +94,8 @@ def _cli(args) -> int:
     from tpt_jax.loop import rounds
     from tpt_jax.gemma import sharding, weights
 
+    if args.out:
+        io.check_writable_file(args.out, "--out")
     cfg = rounds.config_from_args(args.config, args.overrides)
     s = rounds.setup(cfg)
     if (io.path(args.params) / "config.json").exists():

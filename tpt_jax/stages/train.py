@@ -470,9 +470,12 @@ def _cli(args) -> int:
     from tpt_jax.gemma.tokenizer import load_tokenizer
     from tpt_jax.gemma.weights import load_hf, read_hf_config, save_hf
 
+    io.check_writable_dir(args.out, "--out")
     data = read_yaml(resolve_config_path(args.config)) if args.config else {}
     data = apply_overrides(data, [_qualify(o) for o in args.overrides])
     cfg = validate_run(from_dict(RunConfig, data, "config"))
+    examples = sft_data.read_examples(args.examples)  # before any model work: bad files fail fast
+    evals = sft_data.read_examples(args.eval_examples) if args.eval_examples else None
     mesh = make_mesh(cfg.mesh)
     ckpt = args.checkpoint or cfg.checkpoint
     mcfg = read_hf_config(ckpt) if ckpt else model_preset(cfg.model)
@@ -483,8 +486,6 @@ def _cli(args) -> int:
         log.warning("no --checkpoint: training a random init of model preset %r", cfg.model)
         params = init_params(model, jax.random.key(cfg.seed), mesh, TRAIN_RULES)
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
-    examples = _read_examples(args.examples)
-    evals = _read_examples(args.eval_examples) if args.eval_examples else None
     params, metrics = train(params, model, tokenizer, examples, cfg.train, args.out, mesh, evals,
                             donate=True)
     if not args.no_export:
@@ -494,14 +495,6 @@ def _cli(args) -> int:
                                        "trained_tokens_per_s")}
     print(json.dumps(summary))
     return 0
-
-
-def _read_examples(p: str) -> list[dict]:
-    skips = io.Skips()
-    records = [r for _, r in io.read_jsonl(p, skips, required=("prompt", "completion"))]
-    if skips.total():
-        log.warning("%s: skipped %d records: %s", p, skips.total(), skips.summary())
-    return records
 
 
 def add_bench_cli(parser) -> None:
