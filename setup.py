@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # torch is only the HF parity reference; 2.13.0 is the CPU build this workplace carries.
-        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "torch==2.13.0"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["tpt=tpt_jax.cli:main"]},
