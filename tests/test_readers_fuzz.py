@@ -162,7 +162,8 @@ def test_hf_config_json_wrong_types(key, value):
 def test_model_json_wrong_types(key, value):
     from tpt_jax.gemma.weights import read_model_json
     raw = {**to_dict(model_preset("test-tiny")), key: value}
-    only_tpt_errors(read_model_json, str(Path(_file(json.dumps(raw).encode(), "model.json")).parent))
+    d = Path(_file(json.dumps(raw).encode(), "model.json")).parent
+    only_tpt_errors(read_model_json, str(d))
 
 
 @FUZZ

@@ -121,16 +121,9 @@ def check_writable_dir(p: str | os.PathLike, what: str) -> None:
     file, or cannot be created or written; writes nothing (gs:// paths are not checked)."""
     if is_remote(p):
         return
-    q = os.path.abspath(p)
-    if os.path.exists(q) and not os.path.isdir(q):
+    if os.path.exists(p) and not os.path.isdir(p):
         raise TptError(f"{what} {p} is a file, not a directory")
-    base = q
-    while not os.path.exists(base):
-        base = os.path.dirname(base)
-    if not os.path.isdir(base):
-        raise TptError(f"{what} {p}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise TptError(f"{what} {p}: directory {base} is not writable")
+    _check_creatable(os.path.abspath(p), p, what)
 
 
 def check_writable_file(p: str | os.PathLike, what: str) -> None:
@@ -139,7 +132,18 @@ def check_writable_file(p: str | os.PathLike, what: str) -> None:
         return
     if os.path.isdir(p):
         raise TptError(f"{what} {p} is a directory, not a file")
-    check_writable_dir(os.path.dirname(os.path.abspath(p)), what)
+    _check_creatable(os.path.dirname(os.path.abspath(p)), p, what)
+
+
+def _check_creatable(directory: str, p: str | os.PathLike, what: str) -> None:
+    """`directory` exists and is writable, or its nearest existing ancestor is."""
+    base = directory
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise TptError(f"{what} {p}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise TptError(f"{what} {p}: directory {base} is not writable")
 
 
 @dataclasses.dataclass
@@ -181,7 +185,8 @@ def read_jsonl(p: str | os.PathLike, skips: Optional[Skips] = None,
             where = f"{p}:{lineno}"
             rec, reason, detail = _json_line(raw, where)
             if not reason and not isinstance(rec, dict):
-                reason, detail = "not a JSON object", f"expected a JSON object, got {type(rec).__name__}"
+                reason = "not a JSON object"
+                detail = f"expected a JSON object, got {type(rec).__name__}"
             if not reason:
                 missing = [k for k in required if k not in rec]
                 if missing:

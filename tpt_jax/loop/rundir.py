@@ -60,7 +60,8 @@ def _began(root: str, state: dict) -> bool:
     """A stage finished (state.json) or started (any file besides the start's bookkeeping)."""
     if state["done"]:
         return True
-    return any(p.name not in BOOKKEEPING and not p.name.startswith((f".{STATE}.tmp", f".{CONFIG}.tmp"))
+    temporary = (f".{STATE}.tmp", f".{CONFIG}.tmp")  # atomic writes killed half-way
+    return any(p.name not in BOOKKEEPING and not p.name.startswith(temporary)
                for p in io.path(root).iterdir())
 
 
