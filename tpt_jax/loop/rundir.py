@@ -43,7 +43,11 @@ def _check_lock(root: str) -> None:
     lock = os.path.join(root, ".lock")
     if io.is_remote(root) or not os.path.isfile(lock):
         return
-    with open(lock, "rb") as f:
+    try:
+        f = open(lock, "rb")
+    except OSError as e:
+        raise TptError(f"{lock}: cannot open the run's lock file ({e.strerror})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,7 +77,8 @@ def _resolve_state(root: str, cfg: Any, force: bool) -> dict:
     if not state_path.exists():
         return {"fingerprint": fp, "done": []}
     state = io.read_json(state_path, kind=None)
-    if not isinstance(state, dict) or not isinstance(state.get("done"), list):
+    if not isinstance(state, dict) or not isinstance(state.get("done"), list) \
+            or not isinstance(state.get("info", {}), dict):
         raise TptError(f"{state_path}: not a tpt run state file")
     if state.get("fingerprint") != fp:
         if not _began(root, state):
