@@ -30,8 +30,8 @@ setup(
     ],
     extras_require={
         # torch is only the HF parity reference; 2.13.0 is the CPU build this workplace carries.
-        # tensorboard: its event reader checks what tracking wrote.
-        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "tensorboard"],
+        # tensorboard: its event reader checks what tracking wrote; hypothesis: property tests.
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "torch==2.13.0", "tensorboard"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],  # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA and cuDNN from pip)
         "wandb": ["wandb"],

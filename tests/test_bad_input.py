@@ -188,12 +188,12 @@ def test_prune_cli_bad_strategy_and_missing_samples(tmp_path, capsys):
 
 
 def test_training_examples_missing_fields_are_counted(tmp_path, caplog):
-    from tpt_jax.stages.train_cli import _read_examples
+    from tpt_jax.stages.sft_data import read_examples
     f = tmp_path / "ex.jsonl"
     f.write_text("\n".join([json.dumps({"prompt": "p", "completion": "c"}),
                             json.dumps({"prompt": "p"}), json.dumps({"completion": "c"}),
                             "not json"]) + "\n")
-    assert _read_examples(str(f)) == [{"prompt": "p", "completion": "c"}]
+    assert read_examples(str(f)) == [{"prompt": "p", "completion": "c"}]
     assert "skipped 3 records" in caplog.text
     assert f"missing field 'completion' ({f}:2)" in caplog.text
     assert f"missing field 'prompt' ({f}:3)" in caplog.text

@@ -298,7 +298,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: "
                           f"{', '.join(fields)}")
@@ -366,18 +366,32 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
+    """A YAML config file as plain data; bad bytes, syntax or value types are one line naming
+    the file (config.py cannot use tpt_jax.io, which imports it: the YAML reader decodes)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(path).read_bytes())
+    except yaml.reader.ReaderError as e:  # not UTF-8, or a control character
+        what = (f"character #x{e.character:04x} is not allowed in YAML"
+                if e.encoding == "unicode" else "not UTF-8 text")
+        raise ConfigError(f"{path}: {what} (at offset {e.position})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or 'syntax'})"
+                          ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    try:
+        json.dumps(data)  # overrides copy the config through JSON
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: holds a value that is not plain YAML data (a date, set, "
+                          f"or non-text key?): {str(e)[:100]}") from None
     return data
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import uuid
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, BinaryIO, Iterable, Iterator, Optional
 
 from etils import epath
 
@@ -59,14 +59,91 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(p: str | os.PathLike) -> Any:
-    q = path(p)
+def open_bytes(p: str | os.PathLike) -> BinaryIO:
+    """A file opened for reading bytes; a missing or unreadable one is a one-line TptError."""
     try:
-        return json.loads(q.read_text())
+        return path(p).open("rb")
     except FileNotFoundError:
         raise TptError(f"{p}: file not found") from None
+    except IsADirectoryError:
+        raise TptError(f"{p}: is a directory, not a file") from None
+    except PermissionError:
+        raise TptError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise TptError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def read_bytes(p: str | os.PathLike) -> bytes:
+    with open_bytes(p) as f:
+        return f.read()
+
+
+def decode(data: bytes, where: str) -> str:
+    """UTF-8 text (a leading BOM is dropped); other bytes are a TptError naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = 1 + data.count(b"\n", 0, e.start)
+        raise TptError(f"{where}: not UTF-8 text at line {line} (byte 0x{data[e.start]:02x})"
+                       ) from None
+
+
+def read_text(p: str | os.PathLike) -> str:
+    """The whole file as UTF-8 text; every reader of user files goes through here."""
+    return decode(read_bytes(p), str(p))
+
+
+def parse_json(text: str, where: str) -> Any:
+    """json.loads with every failure (syntax, a 5000-digit integer, deep nesting) one line."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise TptError(f"{p}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        raise TptError(f"{where}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise TptError(f"{where}: invalid JSON ({str(e).splitlines()[0][:100]})") from None
+
+
+def read_json(p: str | os.PathLike, kind: Optional[type] = dict) -> Any:
+    """A JSON file whose top level is a `kind` (None: anything)."""
+    obj = parse_json(read_text(p), str(p))
+    if kind is not None and not isinstance(obj, kind):
+        raise TptError(f"{p}: expected a JSON {_JSON_NAMES.get(kind, kind.__name__)}, got "
+                       f"{_JSON_NAMES.get(type(obj), type(obj).__name__)}")
+    return obj
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "true/false", type(None): "null"}
+
+
+def check_writable_dir(p: str | os.PathLike, what: str) -> None:
+    """Refuse, before anything is written, an output directory that is a file, lies under a
+    file, or cannot be created or written; writes nothing (gs:// paths are not checked)."""
+    if is_remote(p):
+        return
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise TptError(f"{what} {p} is a file, not a directory")
+    _check_creatable(os.path.abspath(p), p, what)
+
+
+def check_writable_file(p: str | os.PathLike, what: str) -> None:
+    """An output file: not a directory, and its directory can be made and written."""
+    if is_remote(p):
+        return
+    if os.path.isdir(p):
+        raise TptError(f"{what} {p} is a directory, not a file")
+    _check_creatable(os.path.dirname(os.path.abspath(p)), p, what)
+
+
+def _check_creatable(directory: str, p: str | os.PathLike, what: str) -> None:
+    """`directory` exists and is writable, or its nearest existing ancestor is."""
+    base = directory
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise TptError(f"{what} {p}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise TptError(f"{what} {p}: directory {base} is not writable")
 
 
 @dataclasses.dataclass
@@ -98,32 +175,39 @@ class Skips:
 
 def read_jsonl(p: str | os.PathLike, skips: Optional[Skips] = None,
                required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, record). Malformed lines and records missing `required` fields are
-    counted in `skips` with their line numbers (or raise a one-line TptError if no `skips`)."""
-    q = path(p)
-    if not q.exists():
-        raise TptError(f"{p}: file not found")
-    with q.open("r") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    """Yield (line_number, record), reading line by line (sample files can be large). Lines
+    that are not UTF-8 or not JSON objects, and records missing `required` fields, are counted
+    in `skips` with their line numbers (or raise a one-line TptError if no `skips`)."""
+    with open_bytes(p) as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{p}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skips is None:
-                    raise TptError(f"{where}: malformed JSON ({e.msg})") from None
-                skips.add("malformed JSON", where)
-                continue
-            if not isinstance(rec, dict):
-                if skips is None:
-                    raise TptError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                skips.add("not a JSON object", where)
-                continue
-            missing = [k for k in required if k not in rec]
-            if missing:
-                if skips is None:
-                    raise TptError(f"{where}: missing field {missing[0]!r}")
-                skips.add(f"missing field {missing[0]!r}", where)
-                continue
-            yield lineno, rec
+            rec, reason, detail = _json_line(raw, where)
+            if not reason and not isinstance(rec, dict):
+                reason = "not a JSON object"
+                detail = f"expected a JSON object, got {type(rec).__name__}"
+            if not reason:
+                missing = [k for k in required if k not in rec]
+                if missing:
+                    reason = detail = f"missing field {missing[0]!r}"
+            if not reason:
+                yield lineno, rec
+            elif skips is None:
+                raise TptError(f"{where}: {detail}")
+            else:
+                skips.add(reason, where)
+
+
+def _json_line(raw: bytes, where: str) -> tuple[Any, str, str]:
+    """(value, "", "") or (None, skip reason, error detail) for one JSONL line."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return None, "not UTF-8", f"not UTF-8 text (byte 0x{raw[e.start]:02x})"
+    try:
+        return json.loads(text), "", ""
+    except json.JSONDecodeError as e:
+        return None, "malformed JSON", f"malformed JSON ({e.msg})"
+    except (ValueError, RecursionError) as e:  # a 5000-digit integer, deep nesting
+        return None, "malformed JSON", f"malformed JSON ({str(e).splitlines()[0][:100]})"

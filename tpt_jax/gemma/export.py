@@ -101,6 +101,7 @@ def add_cli(parser) -> None:
 
 def _convert(args) -> int:
     from tpt_jax.gemma.model import make_model
+    io.check_writable_dir(args.dst, "destination")
     if args.to == "orbax":
         cfg = weights.read_hf_config(args.src)
         model = make_model(cfg, param_dtype=args.dtype)

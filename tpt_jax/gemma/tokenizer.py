@@ -50,10 +50,7 @@ class SentencePieceTokenizer:
             proto, self.name = model, name or "<bytes>"
         else:
             self.name = name or str(model)
-            try:
-                proto = tio.path(model).read_bytes()
-            except FileNotFoundError:
-                raise TptError(f"tokenizer {model}: file not found") from None
+            proto = tio.read_bytes(model)
         self.proto = proto
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -89,7 +86,7 @@ class HFTokenizer:
         local = _local_dir(directory)
         try:
             self.tok = AutoTokenizer.from_pretrained(local)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # tokenizers raises bare Exception on a corrupt tokenizer.json
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TptError(f"tokenizer {directory}: cannot load HF tokenizer ({first})") from None
         self.vocab_size = len(self.tok)

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
+from tpt_jax.config import TptError, from_dict
 from tpt_jax.gemma import hub, manifest
-from tpt_jax.config import TptError
 from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
 
@@ -41,30 +41,44 @@ def read_hf_config(ckpt_dir: str) -> ModelConfig:
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim")
     for key in required:
-        if not isinstance(raw.get(key), int):
+        if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), int):
             raise TptError(f"{where}: field {key!r} is missing or not an integer")
     layer_types = raw.get("layer_types")
-    if layer_types is not None:
-        expected = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                    for i in range(raw["num_hidden_layers"])]
-        if list(layer_types) != expected:
-            raise TptError(f"{where}: layer_types must alternate sliding/full starting with "
-                           f"sliding, as in Gemma2")
+    if layer_types is not None and (
+            not isinstance(layer_types, list) or len(layer_types) != raw["num_hidden_layers"]
+            or any(t != ("sliding_attention" if i % 2 == 0 else "full_attention")
+                   for i, t in enumerate(layer_types))):
+        raise TptError(f"{where}: layer_types must alternate sliding/full starting with "
+                       f"sliding, as in Gemma2")
     if raw.get("tie_word_embeddings") is False:
         raise TptError(f"{where}: tie_word_embeddings is false; Gemma2 ties the output embedding")
-    rope = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise TptError(f"{where}: field 'rope_parameters' is not a mapping")
     cfg = ModelConfig(
         vocab_size=raw["vocab_size"], embed_dim=raw["hidden_size"],
         hidden_dim=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
         num_heads=raw["num_attention_heads"], num_kv_heads=raw["num_key_value_heads"],
         head_dim=raw["head_dim"],
-        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", raw["head_dim"])),
-        sliding_window=int(raw.get("sliding_window") or 4096),
-        attn_logit_softcap=raw.get("attn_logit_softcapping", 50.0),
-        final_logit_softcap=raw.get("final_logit_softcapping", 30.0),
-        rope_theta=float(rope), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)))
+        query_pre_attn_scalar=float(_number(raw, "query_pre_attn_scalar", raw["head_dim"], where)),
+        sliding_window=int(_number(raw, "sliding_window", None, where, True) or 4096),
+        attn_logit_softcap=_number(raw, "attn_logit_softcapping", 50.0, where, True),
+        final_logit_softcap=_number(raw, "final_logit_softcapping", 30.0, where, True),
+        rope_theta=float(_number(rope if "rope_theta" in rope else raw, "rope_theta", 10000.0,
+                                 where)),
+        rms_norm_eps=float(_number(raw, "rms_norm_eps", 1e-6, where)))
     cfg.validate(where)
     return cfg
+
+
+def _number(raw: dict, key: str, default: Any, where: str, none_ok: bool = False) -> Any:
+    """raw[key] (or `default`) as a finite number; anything else is a one-line error."""
+    value = raw.get(key, default)
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise TptError(f"{where}: field {key!r} must be a number, got {value!r}")
+    return value
 
 
 def _int_if_whole(x: float):
@@ -192,8 +206,9 @@ class _Tensors:
         single = os.path.join(ckpt_dir, "model.safetensors")
         if os.path.exists(index):
             weight_map = io.read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise TptError(f"{index}: no weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise TptError(f"{index}: no weight_map of tensor names to file names")
             files = {n: os.path.join(ckpt_dir, f) for n, f in weight_map.items()}
         elif os.path.exists(single):
             files = None
@@ -389,8 +404,8 @@ def load_params(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
 
 
 def read_model_json(ckpt_dir: str) -> ModelConfig:
-    raw = io.read_json(io.path(ckpt_dir) / "model.json")
-    try:
-        return ModelConfig(**raw)
-    except TypeError as e:
-        raise TptError(f"{ckpt_dir}/model.json: {e}") from None
+    """The ModelConfig save_params wrote; unknown keys and wrong types are one line."""
+    where = f"{ckpt_dir}/model.json"
+    cfg = from_dict(ModelConfig, io.read_json(where), where)
+    cfg.validate(where)
+    return cfg

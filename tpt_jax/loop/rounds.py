@@ -26,7 +26,7 @@ from tpt_jax import io
 from tpt_jax.config import RunConfig, round_config, to_dict
 from tpt_jax.loop import report
 from tpt_jax.loop import round_stages as st
-from tpt_jax.loop.rundir import RunDir
+from tpt_jax.loop.rundir import RunDir, check_output
 from tpt_jax.loop.runner import Artifact, run_stage
 from tpt_jax.loop.setup import Setup, base_params, config_from_args, setup
 from tpt_jax.loop.tracking import Tracker
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig, out_dir: str, force: bool = False, progress: bool = True) -> list[dict]:
     """Run (or resume) all rounds; returns the metrics records (also in DIR/metrics.json)."""
+    check_output(out_dir, cfg, force)  # a refused start writes nothing:
     s = setup(cfg, progress)  # everything is checked before the run directory is touched
     with RunDir(out_dir, cfg, force) as rd:
         tracker = Tracker(out_dir, cfg.tracking, config=to_dict(cfg))

@@ -94,6 +94,8 @@ def _cli(args) -> int:
     from tpt_jax.gemma import sharding, weights
     from tpt_jax.loop.setup import config_from_args, setup
 
+    if args.out:
+        io.check_writable_file(args.out, "--out")
     cfg = config_from_args(args.config, args.overrides)
     s = setup(cfg)
     if (io.path(args.params) / "config.json").exists():

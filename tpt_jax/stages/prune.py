@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from tpt_jax.stages import answers, metrics
 from tpt_jax.config import PruneConfig, TptError, validate_prune
-from tpt_jax.io import Skips, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tpt_jax.io import Skips, check_writable_file, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,8 @@ def _config_from_args(args) -> PruneConfig:
 
 
 def _run(args) -> int:
+    check_writable_file(args.out, "--out")
+    check_writable_file(args.stats, "--stats")
     cfg = _config_from_args(args)
     if "influence" in {x.strip() for x in cfg.strategy.split("+")}:
         raise TptError("prune step 'influence' needs the model's gradients: use it through "

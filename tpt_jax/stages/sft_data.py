@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from typing import Sequence
 
 import numpy as np
 
+from tpt_jax import io
 from tpt_jax.config import TptError
+
+log = logging.getLogger(__name__)
+EXAMPLE_FIELDS = ("prompt", "completion")
 
 
 @dataclasses.dataclass
@@ -42,6 +47,27 @@ class EncodeStats:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_examples(p: str) -> list[dict]:
+    """Training records (string `prompt` and `completion`) from JSONL; other rows are counted
+    skips, and a file with none (a question/answer dataset, say) is one line naming it."""
+    skips = io.Skips()
+    records = []
+    for lineno, r in io.read_jsonl(p, skips, required=EXAMPLE_FIELDS):
+        if all(isinstance(r[k], str) for k in EXAMPLE_FIELDS):
+            records.append(r)
+        else:
+            skips.add("prompt/completion not text", f"{p}:{lineno}")
+    if skips.total():
+        log.warning("%s: skipped %d records: %s", p, skips.total(), skips.summary())
+    if not records:
+        lacking = sum(n for reason, n in skips.counts().items() if reason.startswith("missing"))
+        detail = f"{lacking} of {skips.total()} rows lack them" if lacking else (
+            skips.summary() if skips.total() else "the file has no rows")
+        raise TptError(f"{p}: no training examples: expected JSONL rows with string fields "
+                       f"'prompt' and 'completion' (as tpt prune writes), {detail}")
+    return records
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[Encoded, bool]:

@@ -308,6 +308,7 @@ def _cli(args) -> int:
     from tpt_jax.gemma.sharding import make_mesh
     from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
 
+    tio.check_writable_dir(args.out, "--out")
     cfg = ThinkConfig(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                       batch_size=args.batch_size, stop=list(args.stop),

@@ -11,6 +11,7 @@ import jax
 from tpt_jax import io
 from tpt_jax.config import TrainConfig
 from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
+from tpt_jax.stages import sft_data
 from tpt_jax.stages.train import train
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ def _cli(args) -> int:
     from tpt_jax.gemma.weights import load_hf, read_hf_config
     from tpt_jax.loop.tracking import Tracker
 
+    io.check_writable_dir(args.out, "--out")
     data = read_yaml(resolve_config_path(args.config)) if args.config else {}
     data = apply_overrides(data, [_qualify(o) for o in args.overrides])
     cfg = validate_run(from_dict(RunConfig, data, "config"))
+    examples = sft_data.read_examples(args.examples)  # before any model work: bad files fail fast
+    evals = sft_data.read_examples(args.eval_examples) if args.eval_examples else None
     mesh = make_mesh(cfg.mesh)
     ckpt = args.checkpoint or cfg.checkpoint
     mcfg = read_hf_config(ckpt) if ckpt else model_preset(cfg.model)
@@ -69,8 +73,6 @@ def _cli(args) -> int:
         params = init_params(model, jax.random.key(cfg.seed), mesh, TRAIN_RULES)
     tokenizer_source = args.tokenizer or cfg.tokenizer
     tokenizer = load_tokenizer(tokenizer_source)
-    examples = _read_examples(args.examples)
-    evals = _read_examples(args.eval_examples) if args.eval_examples else None
     tracker = Tracker(args.out, cfg.tracking, config=dataclasses.asdict(cfg))
     try:
         params, metrics = train(params, model, tokenizer, examples, cfg.train, args.out, mesh,
@@ -87,10 +89,3 @@ def _cli(args) -> int:
     print(json.dumps(summary))
     return 0
 
-
-def _read_examples(p: str) -> list[dict]:
-    skips = io.Skips()
-    records = [r for _, r in io.read_jsonl(p, skips, required=("prompt", "completion"))]
-    if skips.total():
-        log.warning("%s: skipped %d records: %s", p, skips.total(), skips.summary())
-    return records
