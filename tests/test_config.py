@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tpt_jax.config import (ConfigError, RunConfig, apply_overrides, fingerprint, from_dict,
-                            load_run_config, round_config, validate_run)
+from tpt_jax.config import ConfigError, RunConfig, load_run_config, round_config, validate_run
+from tpt_jax.config_io import apply_overrides, fingerprint, from_dict
 from tpt_jax.gemma.config import model_preset
 
 

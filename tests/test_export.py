@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 
 from tpt_jax.gemma import export, model as M, weights
 from tpt_jax.gemma.tokenizer import builtin_tokenizer, load_tokenizer

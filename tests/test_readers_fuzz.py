@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpt_jax import io as tio
-from tpt_jax.config import DataConfig, TptError, load_run_config, to_dict
+from tpt_jax.config import DataConfig, TptError, load_run_config
+from tpt_jax.config_io import to_dict
 from tpt_jax.gemma.config import model_preset
 
 FUZZ = settings(max_examples=40, deadline=None,

@@ -92,5 +92,5 @@ def test_tracking_config():
     assert cfg.tracking.wandb_project == "tpt" and cfg.tracking.tensorboard
     with pytest.raises(ConfigError, match="tracking.wandb_project"):
         load_run_config("tiny_cpu", ["tracking.wandb_project=' '"])
-    from tpt_jax.config import fingerprint
+    from tpt_jax.config_io import fingerprint
     assert fingerprint(cfg) == fingerprint(load_run_config("tiny_cpu"))  # a resume may change it

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tpt_jax import faults, io
-from tpt_jax.config import TptError, from_dict
+from tpt_jax.config import TptError
+from tpt_jax.config_io import from_dict
 from tpt_jax.gemma import hub, manifest
 from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings

@@ -100,7 +100,21 @@ def prune_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
 
 
 def load_prune_stats(rd: RunDir, r: int) -> dict:
-    return io.read_json(rd.path(tag(r), "prune_stats.json"))
+    stats = io.read_json(rd.path(tag(r), "prune_stats.json"))
+    _require(stats, rd.path(tag(r), "prune_stats.json"), ("counts", "kept"), ("metrics",))
+    return stats
+
+
+def _require(record: dict, where: str, *paths: tuple) -> None:
+    """A hand-edited or foreign artifact without the fields the round record needs is one
+    line naming the file and field, not a KeyError."""
+    for path in paths:
+        node = record
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise TptError(f"{where}: no field {'.'.join(path)} (not written by tpt, or "
+                               f"edited); delete it and its stage from state.json to redo it")
+            node = node[key]
 
 
 # -------------------------------------------------------------------------------- train
@@ -155,7 +169,9 @@ def eval_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact) -> None:
 
 
 def load_eval(rd: RunDir, r: int) -> dict:
-    return io.read_json(rd.path(tag(r), "eval.json"))
+    result = io.read_json(rd.path(tag(r), "eval.json"))
+    _require(result, rd.path(tag(r), "eval.json"), ("pass@1",))
+    return result
 
 
 # ------------------------------------------------------------------------------- export

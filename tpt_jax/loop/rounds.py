@@ -23,7 +23,8 @@ import functools
 import logging
 
 from tpt_jax import io
-from tpt_jax.config import RunConfig, round_config, to_dict
+from tpt_jax.config import RunConfig, round_config
+from tpt_jax.config_io import to_dict
 from tpt_jax.loop import report
 from tpt_jax.loop import round_stages as st
 from tpt_jax.loop.rundir import RunDir, check_output

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import jax
 
 from tpt_jax import io
-from tpt_jax.config import TptError, fingerprint, to_dict
+from tpt_jax.config import TptError
+from tpt_jax.config_io import fingerprint, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import jax
 
 from tpt_jax.config import RunConfig, load_run_config, round_config
 from tpt_jax.gemma.config import model_preset
-from tpt_jax.data.sources import load_split
+from tpt_jax.data.sources import load_seed, load_split
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma import sharding, weights
 from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
@@ -54,6 +54,7 @@ def setup(cfg: RunConfig, progress: bool = True) -> Setup:
     eval_q = load_split(cfg.data, cfg.eval.split)
     if cfg.eval.limit:
         eval_q = eval_q[: cfg.eval.limit]
+    load_seed(cfg.data)  # seed solutions (round 0's training data) are read and checked now
     shots = prompts.pick_shots(train_q, prompts.num_shots(cfg.prompt))
     s = Setup(cfg, mesh, model, tokenizer, train_q, eval_q, shots, progress)
     for line in report.describe_start(s).splitlines():

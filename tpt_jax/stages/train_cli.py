@@ -47,8 +47,8 @@ def add_cli(parser) -> None:
 
 
 def _cli(args) -> int:
-    from tpt_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
-                                resolve_config_path, validate_run)
+    from tpt_jax.config import RunConfig, validate_run
+    from tpt_jax.config_io import apply_overrides, from_dict, read_yaml, resolve_config_path
     from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.export import export_hf
     from tpt_jax.gemma.model import init_params, make_model
