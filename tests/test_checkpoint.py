@@ -82,7 +82,7 @@ def test_corrupt_latest_falls_back_to_previous(uninterrupted, tmp_path, caplog):
     _corrupt(ckpt_dir / "6")
     with caplog.at_level(logging.WARNING, logger="tpt_jax.gemma.checkpoint"):
         params, m = run_from_json(spec(out))
-    warned = [r.getMessage() for r in caplog.records if "step 6" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "checkpoint step 6" in r.getMessage()]
     assert len(warned) == 1 and "unreadable" in warned[0], warned
     # caught by the size manifest, before Orbax's reader (whose failure prints tracebacks)
     assert "bytes, expected" in warned[0], warned

@@ -52,7 +52,15 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path):
         assert all(k["correct"] for k in kept)
         assert (out / tag / "params").is_dir() and (out / tag / "eval.json").is_file()
     state = json.loads((out / "state.json").read_text())
-    assert "r02/eval" in state["done"]
+    assert "r02/eval" in state["done"] and state["done"][-1] == "export"
+
+    # the run ends with the last round's model as an HF checkpoint transformers loads whole
+    from transformers import AutoTokenizer
+    from tpt_jax.gemma.tokenizer import load_tokenizer
+    assert json.loads((out / "hf" / "generation_config.json").read_text())["eos_token_id"]
+    text = "Tom has 3 apples."
+    hf_ids = AutoTokenizer.from_pretrained(str(out / "hf"))(text)["input_ids"]
+    assert hf_ids == load_tokenizer(cfg.tokenizer).encode(text, add_bos=True)
 
     # Running the same command again resumes: nothing is recomputed, same metrics.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
