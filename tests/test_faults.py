@@ -35,17 +35,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Everything that decides the run's size is pinned here, so retuning configs/tiny_cpu.yaml
-# does not change what this test costs: 32 seed examples (4 train steps of 8, checkpoints at
-# steps 2 and 4), per round 32 training questions x 2 samples in 4 Think shards, 16 eval
-# questions in 2 shards.
-OVERRIDES = ["per_round={}", 
-    "model=test-tiny", "rounds=3", "data.synthetic_train=32", "data.synthetic_test=16",
-    "data.seed_size=32", "think.n=2", "think.batch_size=16", "think.shard_size=8",
-    "think.max_new_tokens=24", "think.max_prompt_tokens=96", "eval.n=0", "eval.limit=null",
-    "eval.max_new_tokens=24", "train.batch_size=8", "train.max_length=192",
-    "train.save_every=2", "train.keep_checkpoints=2", "train.log_every=1",
+# does not change what this test costs. The data: 32 synthetic questions whose worked solutions
+# all end in "#### 7", used as seed solutions, training and eval questions alike, so a tiny
+# model learns the answer in round 0 (32 steps of 8, checkpoints every 4) and every later round
+# keeps and trains on its own correct samples. Each round's weights then differ, which is what
+# lets this test see a resumed round using another round's weights. Per round: 32 questions x 2
+# samples in 4 Think shards, 16 eval questions in 2 shards.
+OVERRIDES = [
+    "model=test-tiny", "rounds=3", "data.source=jsonl", "think.n=2", "think.batch_size=16",
+    "think.shard_size=8", "think.max_new_tokens=64", "think.temperature=0.3",
+    "think.max_prompt_tokens=96", "eval.n=0", "eval.limit=16", "eval.max_new_tokens=64",
+    "train.batch_size=8", "train.max_length=192", "train.epochs=8", "train.learning_rate=3e-3",
+    "train.save_every=4", "train.keep_checkpoints=2", "train.log_every=1",
     "train.async_checkpoint=true", "train.eval_fraction=0.0",
+    "per_round={0: {train: {learning_rate: 0.01}}}",
 ]
+
+
+def overrides(root: Path) -> list[str]:
+    """OVERRIDES plus the data files, written once into the test's root folder."""
+    data = root / "questions.jsonl"
+    if not data.exists():
+        from tpt_jax.data.synthetic import synthetic_split
+        rows = [{"id": r["id"], "question": r["question"],
+                 "answer": r["answer"].rsplit("####", 1)[0] + "#### 7"}
+                for r in synthetic_split("train", 32, 0)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return OVERRIDES + [f"data.{k}_path={data}" for k in ("train", "test", "seed")]
+
 
 CORRUPT = "corrupt r00/params"  # not a kill: damage round 0's params after its stage is done
 
@@ -118,7 +135,7 @@ def _env(cache: Path, fault: str = "") -> dict:
 
 
 def tpt_run(out: Path, cache: Path, log: Path, fault: str = "") -> int:
-    cmd = [sys.executable, "-m", "tpt_jax.cli", "run", *OVERRIDES, "-o", str(out)]
+    cmd = [sys.executable, "-m", "tpt_jax.cli", "run", *overrides(out.parent), "-o", str(out)]
     with open(log, "w") as f:
         return subprocess.run(cmd, env=_env(cache, fault), stdout=f, stderr=subprocess.STDOUT,
                               cwd=REPO, timeout=900).returncode
@@ -189,6 +206,10 @@ def reference(tmp_path_factory):
 
 def test_killed_run_ends_like_an_uninterrupted_one(reference):
     root, cache, ref = reference
+    # every round trains and its weights change what the next round samples: a resumed round
+    # that used another round's weights could not go unnoticed
+    assert all((ref / tag / "train").is_dir() for tag in ROUNDS)
+    assert _samples(ref / "r01" / "samples") != _samples(ref / "r02" / "samples")
     out = root / "killed"
     long = bool(os.environ.get("TPT_FAULTS_LONG"))
     plan = LONG if long else SHORT
@@ -270,7 +291,7 @@ def test_changed_config_needs_force(reference, tmp_path, capsys):
     _, _, ref = reference
     out = tmp_path / "run"
     shutil.copytree(ref, out)
-    changed = OVERRIDES + ["eval.max_new_tokens=20"]
+    changed = overrides(ref.parent) + ["eval.max_new_tokens=20"]
     assert main(["run", *changed, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
