@@ -1,6 +1,6 @@
 """`tpt bench sample | train | prune`: each prints one JSON line.
 
-Each benchmark has its module here (sample: beside the sampler until it moves); each provides
+Each benchmark has its module here; each provides
 `add_bench_cli(parser)`, which adds its arguments and sets `func`.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import importlib
 import sys
 
 BENCHES = {
-    "sample": ("tpt_jax.stages.sampler", "generated tokens/s of the sampler (random init)"),
+    "sample": ("tpt_jax.bench.sample", "generated tokens/s of the sampler (random init)"),
     "train": ("tpt_jax.bench.train", "trained tokens/s and MFU of the SFT step"),
     "prune": ("tpt_jax.bench.prune", "records/s of tpt prune on synthetic samples"),
 }
