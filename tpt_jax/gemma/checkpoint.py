@@ -108,8 +108,7 @@ class Checkpoints:
         self._record_sizes()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self._record_sizes()
+        self.wait()
         self.manager.close()
 
     # -- size manifests (process 0 writes them)
