@@ -9,7 +9,7 @@ import pytest
 from tpt_jax.gemma import model as M
 from tpt_jax.stages import sampler as S
 from tpt_jax.gemma import weights
-from tpt_jax.config import MeshConfig
+from tpt_jax.config import ConfigError, MeshConfig
 from tpt_jax.gemma.config import model_preset
 from tpt_jax.gemma.sharding import make_mesh
 from conftest import make_hf_checkpoint
@@ -177,16 +177,22 @@ def test_same_samples_regardless_of_batch(tiny):
 
 
 def test_compilations_bounded(tiny):
-    """A dataset with many prompt lengths compiles one program per bucket, not per batch."""
+    """A dataset with many prompt lengths compiles one decode program and one insert program,
+    and per bucket at most one prefill per prefill size; never one per batch or per call."""
     model, params = tiny
     sampler = S.Sampler(model, params, rows=4, buckets=(8, 16), eos_id=None)
     sampling = S.SamplingConfig(temperature=0.8, max_new_tokens=4)
-    before = S.TRACE_COUNT["generate"]
+    before = dict(S.TRACE_COUNT)
     lengths = [3, 5, 8, 9, 12, 16, 4, 7, 15, 2, 11]
     sampler.generate(prompts_of(lengths, model.cfg.vocab_size), sampling, n=2)
-    assert S.TRACE_COUNT["generate"] - before == 2
-    sampler.generate(prompts_of(lengths[::-1] + [6, 13], model.cfg.vocab_size, seed=9), sampling, n=2)
-    assert S.TRACE_COUNT["generate"] - before == 2
+    new = lambda: {k: v - before.get(k, 0) for k, v in S.TRACE_COUNT.items()}
+    first = new()
+    assert first["chunk"] == 1 and first["insert"] == 1
+    assert 1 <= first["prefill"] <= 2 * len(S.prefill_sizes(4 // 2))
+    sampler.generate(prompts_of(lengths[::-1] + [6, 13], model.cfg.vocab_size, seed=9), sampling,
+                     n=2, max_new_tokens=[1, 2, 3, 4] * 3 + [2])
+    assert new()["chunk"] == 1 and new()["insert"] == 1
+    assert new()["prefill"] <= 2 * len(S.prefill_sizes(2))
 
 
 def test_long_prompt_keeps_last_tokens(tiny):
@@ -233,3 +239,133 @@ def test_bucket_helpers():
     assert S.bucket_for(33, (32, 64)) == 64 and S.bucket_for(99, (32, 64)) == 64
     assert S.stable_hash("q1") == S.stable_hash("q1") != S.stable_hash("q2")
     assert math.isclose(S.SamplingConfig(top_p=0.5).top_p, 0.5)
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+def same(a, b):
+    """Token-for-token equality of two [prompt][sample] Generation lists."""
+    return [[(g.tokens, g.finish, g.num_tokens) for g in r] for r in a] == \
+        [[(g.tokens, g.finish, g.num_tokens) for g in r] for r in b]
+
+
+def stopping_sampler(tiny, rows, **kw):
+    """test-tiny with an EOS and a 2-token stop sequence that its sampled rows do produce."""
+    model, params = tiny
+    return S.Sampler(model, params, rows=rows, buckets=(8, 16, 32), eos_id=(17, 201),
+                     stop_tokens=[[40, 41], [99]], **kw)
+
+
+@pytest.fixture(scope="module")
+def ragged_reference(tiny):
+    """Prompts of three buckets, ragged per-prompt limits, n=3 sampled; the static path."""
+    model, _ = tiny
+    rng = np.random.RandomState(11)
+    lengths = [3, 30, 9, 17, 5, 12, 25, 8, 2, 14, 31, 6]
+    prompts = prompts_of(lengths, model.cfg.vocab_size, seed=5)
+    ids = [f"q{i}" for i in range(len(prompts))]
+    limits = rng.randint(1, 21, size=len(prompts)).tolist()
+    sampling = S.SamplingConfig(temperature=1.0, top_k=30, top_p=0.95, max_new_tokens=20)
+    ref = stopping_sampler(tiny, 6).generate(prompts, sampling, n=3, ids=ids, seed=2,
+                                             max_new_tokens=limits, static=True)
+    return prompts, ids, limits, sampling, ref
+
+
+def test_reference_covers_stops_and_limits(ragged_reference):
+    *_, limits, _, ref = ragged_reference
+    gens = [g for r in ref for g in r]
+    assert any(g.finish == "stop" for g in gens) and any(g.finish == "length" for g in gens)
+    assert any(g.finish == "stop" and g.num_tokens > len(g.tokens) for g in gens)  # EOS dropped
+    assert all(g.num_tokens <= lim for r, lim in zip(ref, limits) for g in r)
+    assert all(g.num_tokens == lim for r, lim in zip(ref, limits) for g in r if g.finish == "length")
+
+
+@pytest.mark.parametrize("rows,refill_at", [(1, None), (2, None), (5, 1), (7, 3), (16, None),
+                                            (40, None)])
+def test_continuous_equals_static(tiny, ragged_reference, rows, refill_at):
+    """Whatever the slot count (fewer than n, more than all rows), refill policy, bucket mix:
+    the same tokens, finish reasons and token counts as the static path."""
+    prompts, ids, limits, sampling, ref = ragged_reference
+    sampler = stopping_sampler(tiny, rows, refill_at=refill_at)
+    got = sampler.generate(prompts, sampling, n=3, ids=ids, seed=2, max_new_tokens=limits)
+    assert same(got, ref)
+    st = sampler.stats
+    assert st["tokens"] == sum(g.num_tokens for r in ref for g in r) and st["prefills"] >= 1
+    assert 0 < st["slot_utilization"] <= 1
+
+
+def test_continuous_order_and_company_do_not_matter(tiny, ragged_reference):
+    """Shuffled requests, a subset, and other prompts running alongside: same samples."""
+    prompts, ids, limits, sampling, ref = ragged_reference
+    order = np.random.RandomState(3).permutation(len(prompts))[:8]
+    extra = prompts_of([7, 19], tiny[0].cfg.vocab_size, seed=8)
+    got = stopping_sampler(tiny, 4).generate(
+        [prompts[i] for i in order] + extra, sampling, n=3, ids=[ids[i] for i in order] + ["x", "y"],
+        seed=2, max_new_tokens=[limits[i] for i in order] + [20, 20])
+    assert same(got[:8], [ref[i] for i in order])
+
+
+def test_continuous_greedy_and_n_above_slots(tiny):
+    """Greedy, n=5 samples on 2 slots (one prompt entry refilled across waves): static tokens."""
+    model, params = tiny
+    prompts = prompts_of([4, 13, 9], model.cfg.vocab_size, seed=6)
+    for sampling, n in [(GREEDY, 1), (S.SamplingConfig(temperature=0.9, max_new_tokens=9), 5)]:
+        ref = stopping_sampler(tiny, 4).generate(prompts, sampling, n=n, seed=1, static=True)
+        got = stopping_sampler(tiny, 2).generate(prompts, sampling, n=n, seed=1)
+        assert same(got, ref)
+
+
+def test_continuous_sharded(tiny, ragged_reference):
+    """8 CPU devices (slots over data, heads over tensor): the single-device static tokens."""
+    prompts, ids, limits, sampling, ref = ragged_reference
+    model, params = tiny
+    for shape in [(8, 1, 1), (2, 1, 4)]:
+        mesh = make_mesh(MeshConfig(*shape))
+        sampler = S.Sampler(model, params, mesh, rows=8, buckets=(8, 16, 32), eos_id=(17, 201),
+                            stop_tokens=[[40, 41], [99]])
+        got = sampler.generate(prompts, sampling, n=3, ids=ids, seed=2, max_new_tokens=limits)
+        assert same(got, ref)
+
+
+def test_long_cache_decoding_matches_full_forward(tiny):
+    """A cache past model.LONG_CACHE (scored in blocks): continuous logits still equal a full
+    forward, through many refills, and match the static path's tokens."""
+    model, params = tiny
+    new = M.LONG_CACHE + 20
+    prompts = prompts_of([5, 12, 9], model.cfg.vocab_size, seed=7)
+    sampling = S.SamplingConfig(temperature=1.0, max_new_tokens=new)
+    limits = [new, 37, new - 100]
+    sampler = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
+    assert sampler.cache_length(new) % M.CACHE_BLOCK == 0
+    res = sampler.generate(prompts, sampling, n=1, max_new_tokens=limits, return_logits=True)
+    ref = sampler.generate(prompts, sampling, n=1, max_new_tokens=limits, static=True)
+    assert same(res, ref)
+    for p, (g,), lim in zip(prompts, res, limits):
+        assert g.num_tokens == lim and g.logits.shape == (lim, model.cfg.vocab_size)
+        seq = np.asarray([p + g.tokens], np.int32)
+        full = np.asarray(M.forward(model, params, seq))[0, len(p) - 1:len(p) - 1 + lim]
+        np.testing.assert_allclose(g.logits, full, atol=3e-4, rtol=0)
+
+
+def test_progress_counts_samples_as_they_finish(tiny):
+    model, params = tiny
+    calls = []
+    sampler = S.Sampler(model, params, rows=4, buckets=(16,), eos_id=None, refill_at=1)
+    prompts = prompts_of([5, 6, 7, 8, 9, 10], model.cfg.vocab_size)
+    sampler.generate(prompts, S.SamplingConfig(max_new_tokens=12), n=2, progress=calls.append,
+                     max_new_tokens=[2, 12, 3, 12, 4, 12])
+    assert sum(calls) == 12 and len(calls) > 2
+
+
+def test_bad_requests(tiny):
+    model, params = tiny
+    sampler = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
+    assert sampler.generate([], GREEDY, n=3) == []
+    assert sampler.generate([], GREEDY, static=True) == []
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        sampler.generate([[2, 5]], GREEDY, max_new_tokens=[GREEDY.max_new_tokens + 1])
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        sampler.generate([[2, 5]], GREEDY, max_new_tokens=[0])
+    with pytest.raises(ValueError, match="differ"):
+        sampler.generate([[2, 5]], GREEDY, max_new_tokens=[1, 2])

@@ -127,3 +127,21 @@ def test_cli(tmp_path, capsys):
     assert "6 samples for 3 questions" in capsys.readouterr().out
     assert main(args + ["--seed", "9"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_same_records_as_static_batches(setup, monkeypatch):
+    """Think runs continuous batching; forcing the static path gives the same records, with
+    greedy and sampled settings and stop strings that end rows on device."""
+    import dataclasses
+    from tpt_jax.stages import sampler as S
+    model, params, questions = setup
+    tok = ByteTokenizer()
+    cfgs = [CFG, dataclasses.replace(CFG, n=3, temperature=0.0, batch_size=2, stop=["e", "7"]),
+            dataclasses.replace(CFG, n=5, batch_size=3, max_new_tokens=9, stop=["a "])]
+    runs = lambda c: T.think(params, model, tok, questions, c, None, template="plain",
+                             progress=False)
+    cont = [runs(c) for c in cfgs]
+    real = S.Sampler.generate
+    monkeypatch.setattr(S.Sampler, "generate", lambda self, *a, **k: real(self, *a, **k, static=True))
+    assert [runs(c) for c in cfgs] == cont
+    assert any(r["finish"] == "stop" for r in cont[1] + cont[2])

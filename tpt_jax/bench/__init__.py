@@ -9,7 +9,7 @@ import importlib
 import sys
 
 BENCHES = {
-    "sample": ("tpt_jax.bench.sample", "generated tokens/s of the sampler (random init)"),
+    "sample": ("tpt_jax.bench.sample", "tokens/s of the sampler, uniform or ragged (random init)"),
     "train": ("tpt_jax.bench.train", "trained tokens/s and MFU of the SFT step"),
     "prune": ("tpt_jax.bench.prune", "records/s of tpt prune on synthetic samples"),
 }

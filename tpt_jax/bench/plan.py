@@ -12,10 +12,12 @@ temporaries; the parameter, optimizer-state and KV-cache parts are the sizes of 
   train state), the [grad_accum, batch / grad_accum, max_length] batch, and the temporaries
   (activations, gradients, remat as configured). The round loop also keeps the params it
   passed in alive during training: counted as `held`.
-- **sample**: one compiled Think batch (`sampler._generate`): the sampling-layout params
+- **sample**: one compiled static Think batch (`decode.generate`): the sampling-layout params
   (tensor-parallel, replicated over data/fsdp), the donated KV cache of `think.batch_size`
-  rows x (max_prompt_tokens + max_new_tokens), and the temporaries. The round loop keeps the
-  trainer's params alive meanwhile: `held`.
+  rows x (max_prompt_tokens + max_new_tokens), and the temporaries, among them the prefill
+  cache of the batch's prompts. Think's continuous batching keeps the same decode cache (one
+  row per slot) and, in place of that prefill cache, a prompt store of the same size, so this
+  program bounds it too. The round loop keeps the trainer's params alive meanwhile: `held`.
 
 Peak per device = arguments + outputs - aliased + temporaries + code. On CPU devices the
 temporaries come from XLA:CPU's buffer assignment, which overstates a TPU's: XLA:CPU runs bf16
@@ -142,14 +144,14 @@ def tpu_devices(topology: str) -> tuple[list, str, float]:
 @contextlib.contextmanager
 def _tpu_sampling_layout():
     """Plan the sampling layout of an accelerator: on CPU the sampler keeps an extra
-    transposed copy of the embedding (`sampler._transposed_unembed`), TPUs do not."""
-    from tpt_jax.stages import sampler
-    saved = sampler._transposed_unembed
-    sampler._transposed_unembed = lambda: False
+    transposed copy of the embedding (`decode.transposed_unembed`), TPUs do not."""
+    from tpt_jax.stages import decode
+    saved = decode.transposed_unembed
+    decode.transposed_unembed = lambda: False
     try:
         yield
     finally:
-        sampler._transposed_unembed = saved
+        decode.transposed_unembed = saved
 
 
 # ----------------------------------------------------------------------------- programs
@@ -202,7 +204,7 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     from jax.sharding import NamedSharding
 
     from tpt_jax.gemma import model as M
-    from tpt_jax.stages import sampler as S
+    from tpt_jax.stages import decode as D, sampler as S
     from tpt_jax.gemma.sharding import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, use_rules
     from tpt_jax.stages.think import sampling_config
 
@@ -212,7 +214,7 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     prompts = tk.batch_size // group
     rows = prompts * group
     bucket = S.prompt_buckets(tk.max_prompt_tokens)[-1]
-    length = bucket + sampling.max_new_tokens
+    length = M.cache_length(bucket + sampling.max_new_tokens)
 
     train_params = _with_sharding(M.abstract_params(model),
                                   M.param_shardings(model, mesh, TRAIN_RULES))
@@ -234,10 +236,10 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     args = (arg((prompts, bucket), jnp.int32, ("act_batch", None)),
             arg((prompts, bucket), jnp.int32, ("act_batch", None)),
             arg((rows,), jnp.int32, ("act_batch",)), arg((rows,), jnp.int32, ("act_batch",)),
-            arg((rows,), jnp.bool_, ("act_batch",)))
+            arg((rows,), jnp.int32, ("act_batch",)))
     seed = jax.ShapeDtypeStruct((), jnp.int32)
-    prog = S._Program(sampling, group, (1,), (), 0)
-    fn = S._compiled(model.cfg, model.dtype, model.param_dtype)
+    prog = D.Program(sampling, group, (1,), (), 0)
+    fn = D.compiled(model.cfg, model.dtype, model.param_dtype)["generate"]
     t0 = time.perf_counter()
     with use_rules(mesh, SAMPLE_RULES):
         compiled = fn.lower(sp, cache, *args, seed, prog=prog).compile()

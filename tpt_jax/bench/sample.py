@@ -1,14 +1,28 @@
-"""`tpt bench sample`: generated tokens/s of the sampler on random weights, every row to
-`--new` with no early stop; one JSON line (peer: ../shared/peers/tunix_sample_bench.py)."""
+"""`tpt bench sample`: the sampler (`Sampler.generate`, the engine behind Think) on a randomly
+initialised model of a peer shape, one JSON line.
+
+Uniform workload (default): `--batch` prompts x `--n` samples, every row runs to `--new` tokens
+(no EOS); tokens/s of the best of `--repeats` calls after a compile call, as the peer scripts.
+
+Ragged workload (`--lengths FILE`, a JSON list of per-row lengths, e.g. from
+../shared/peers/ragged_lengths.py): one prompt a row, each row's length as its token limit and
+no EOS, so every path does the same useful work; `--batch` decode slots. Every program is
+compiled first (`Sampler.warm_up`), then one timed call: `useful_tokens_per_s` = sum of the
+lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps), a step being
+one decode step of every slot (the step that inserts rows and draws their first tokens counts
+as one). Rows start longest limit first; `--fifo` keeps file order. `--static` runs the same
+rows through static batches in file order (each runs to its longest row: the peer's best case).
+"""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
 import numpy as np
 
-from tpt_jax.config import ConfigError
+from tpt_jax.config import ConfigError, TptError
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES
 from tpt_jax.stages.sampler import TRACE_COUNT, Sampler, SamplingConfig, parse_mesh
@@ -16,16 +30,54 @@ from tpt_jax.stages.sampler import TRACE_COUNT, Sampler, SamplingConfig, parse_m
 
 def add_bench_cli(parser) -> None:
     from tpt_jax.gemma.config import MODEL_PRESETS
-    parser.add_argument("--shape", default="small", choices=sorted(MODEL_PRESETS),
+    parser.add_argument("--shape", "--config", dest="shape", default="small",
+                        choices=sorted(MODEL_PRESETS),
                         help="model preset (tiny/small match ../shared/peers/configs.py)")
-    parser.add_argument("--batch", type=int, default=16, help="prompts per batch")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="prompts per batch (uniform); decode slots (--lengths)")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt (shared prefill)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per row (no early stop)")
+    parser.add_argument("--lengths", metavar="FILE",
+                        help="JSON list of per-row token limits: the ragged workload")
+    parser.add_argument("--static", action="store_true",
+                        help="static batches (the reference) instead of continuous batching")
+    parser.add_argument("--fifo", action="store_true",
+                        help="start rows in file order, not longest limit first (as when the "
+                             "lengths are unknown in advance: EOS decides them)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
     parser.set_defaults(func=_bench)
+
+
+def read_lengths(path: str) -> list[int]:
+    """A JSON list of positive integers, or a one-line TptError naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise TptError(f"--lengths {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise TptError(f"--lengths {path}: not JSON ({str(e).splitlines()[0]})") from None
+    if (not isinstance(data, list) or not data
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in data)):
+        raise TptError(f"--lengths {path}: must be a non-empty JSON list of positive integers")
+    return data
+
+
+def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
+    """Device bytes of the KV cache (keys, values, slot positions) the path keeps: the decode
+    cache + the prompt store (continuous), the decode cache + the prefill cache inside the
+    program (static: one entry per prompt of a batch)."""
+    total = 0
+    for _, buf in sampler._bufs.values():
+        total += sum(x.nbytes for x in jax.tree.leaves((buf.k, buf.v, buf.pos)))
+    if static:
+        c, lb = sampler.cfg, sampler.buckets[-1]
+        total += batch_prompts * lb * (4 + 2 * c.num_layers * c.num_kv_heads * c.head_dim
+                                       * np.dtype(sampler.cache_dtype).itemsize)
+    return total
 
 
 def _bench(args) -> int:
@@ -34,6 +86,9 @@ def _bench(args) -> int:
     for name in ("batch", "n", "prompt", "new", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1")
+    lengths = read_lengths(args.lengths) if args.lengths else None
+    if lengths is not None and args.n != 1:
+        raise ConfigError("--lengths gives one length per row: use --n 1")
     cfg = model_preset(args.shape)
     model = M.make_model(cfg, args.dtype, args.dtype)
     mesh = make_mesh(parse_mesh(args.mesh))
@@ -41,15 +96,41 @@ def _bench(args) -> int:
     rows = args.batch * args.n
     sampler = Sampler(model, params, mesh, rows=rows, buckets=(args.prompt,), eos_id=None)
     rng = np.random.default_rng(0)
+    count = len(lengths) if lengths else args.batch
     prompts = [[2] + rng.integers(3, cfg.vocab_size, size=args.prompt - 1).tolist()
-               for _ in range(args.batch)]
-    sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=args.new)
+               for _ in range(count)]
+    new = max(lengths) if lengths else args.new
+    sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=new)
+    info = {"system": "tpt_jax",
+            "path": "static" if args.static else "continuous" + ("-fifo" if args.fifo else ""),
+            "shape": args.shape, "backend": jax.default_backend(), "devices": len(jax.devices()),
+            "slots": rows, "prompt": args.prompt}
 
     def run(seed):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = sampler.generate(prompts, sampling, n=args.n, seed=seed)
+        res = sampler.generate(prompts, sampling, n=args.n, seed=seed, static=args.static,
+                               max_new_tokens=lengths, longest_first=not args.fifo)
         n_tok = sum(len(s.tokens) for r in res for s in r)
         return time.perf_counter() - t0, time.process_time() - c0, n_tok
+
+    if lengths:
+        t0 = time.perf_counter()
+        sampler.warm_up(sampling, static=args.static)
+        compile_s = time.perf_counter() - t0
+        before = sum(TRACE_COUNT.values())
+        wall, cpu, n_tok = run(1)
+        s = sampler.stats
+        assert n_tok == sum(lengths), (n_tok, sum(lengths))
+        print(json.dumps({
+            **info, "workload": "ragged", "rows": len(lengths), "max_new": new,
+            "useful_tokens": n_tok, "decode_steps": s["decode_steps"],
+            "slot_utilization": s["slot_utilization"], "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3), "useful_tokens_per_s": round(n_tok / wall, 1),
+            "step_ms": round(1e3 * wall / max(s["decode_steps"], 1), 2),
+            "host_checks": s["host_checks"], "prefills": s["prefills"],
+            "warm_up_s": round(compile_s, 1), "compiles": sum(TRACE_COUNT.values()) - before,
+            "kv_cache_mib": round(kv_bytes(sampler, args.static, rows) / 2 ** 20, 1)}))
+        return 0
 
     first, _, _ = run(0)
     times, cpu = [], []
@@ -59,11 +140,10 @@ def _bench(args) -> int:
         cpu.append(dc)
     best = min(times)
     print(json.dumps({
-        "system": "tpt_jax", "shape": args.shape, "backend": jax.default_backend(),
-        "devices": len(jax.devices()), "batch": args.batch, "n": args.n, "rows": rows,
-        "prompt": args.prompt, "new": args.new, "generated_tokens": n_tok,
-        "first_call_s": round(first, 3), "best_s": round(best, 3),
-        "median_s": round(float(np.median(times)), 3), "cpu_s": round(min(cpu), 3),
-        "tokens_per_s": round(n_tok / best, 1),
-        "compiles": TRACE_COUNT["generate"]}))
+        **info, "workload": "uniform", "batch": args.batch, "n": args.n, "rows": rows,
+        "new": args.new, "generated_tokens": n_tok, "first_call_s": round(first, 3),
+        "best_s": round(best, 3), "median_s": round(float(np.median(times)), 3),
+        "cpu_s": round(min(cpu), 3), "tokens_per_s": round(n_tok / best, 1),
+        "slot_utilization": sampler.stats["slot_utilization"],
+        "compiles": sum(TRACE_COUNT.values())}))
     return 0

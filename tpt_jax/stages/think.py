@@ -50,9 +50,10 @@ def stop_strings(cfg: ThinkConfig, template: str) -> list[str]:
 
 def make_sampler(params: Any, model, tokenizer, cfg: ThinkConfig, mesh=None,
                  stops: Sequence[str] = ()) -> Sampler:
-    """A sampler for `tokenizer`'s EOS/pad ids; each stop string also stops rows on device
-    (as its token sequence) so finished rows stop costing time. Reuse one sampler for several
-    calls to keep its compiled programs."""
+    """A sampler for `tokenizer`'s EOS/pad ids with think.batch_size decode slots (continuous
+    batching: a finished row's slot takes the next sample at once); each stop string also
+    stops rows on device (as its token sequence). Reuse one sampler for several calls to keep
+    its compiled programs and buffers."""
     if cfg.max_prompt_tokens < 1:
         raise ConfigError(f"think.max_prompt_tokens must be >= 1, got {cfg.max_prompt_tokens}")
     stop_tokens = [tokenizer.encode(s) for s in stops]
@@ -108,7 +109,7 @@ def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequ
 
 def _manifest(cfg: ThinkConfig, questions: Sequence[dict], template: str, source: str,
               stops: Sequence[str]) -> dict:
-    """What decides the samples (batch_size does not: samples are independent of batching)."""
+    """What decides the samples (batch_size does not: samples are independent of slots)."""
     ids = hashlib.sha256("\x00".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
     keep = ("n", "temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_tokens",
             "shard_size", "seed", "long_prompts")
@@ -270,7 +271,7 @@ def add_cli(parser) -> None:
                         help="prompts over --max-prompt-tokens: keep BOS + the last tokens, or "
                              "skip the question (counted either way)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
-                        help="rows (prompts x samples) per compiled batch")
+                        help="decode slots: samples decoded at once (continuous batching)")
     parser.add_argument("--shard-size", type=int, default=d.shard_size, help="questions per shard")
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=d.seed)

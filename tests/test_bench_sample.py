@@ -1,0 +1,60 @@
+"""tpt bench sample: the ragged workload (--lengths) on both paths, and bad lengths files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpt_jax.cli import main
+
+
+def bench(capsys, *args):
+    assert main(["bench", "sample", "--shape", "test-tiny", "--prompt", "8", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_ragged_workload_both_paths(tmp_path, capsys):
+    lengths = [3, 17, 5, 40, 2, 9, 11, 6, 25, 4]
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps(lengths))
+    cont = bench(capsys, "--batch", "4", "--lengths", str(path))
+    static = bench(capsys, "--batch", "4", "--lengths", str(path), "--static")
+    for r in (cont, static):
+        assert r["workload"] == "ragged" and r["useful_tokens"] == sum(lengths)
+        assert r["slots"] == 4 and r["rows"] == len(lengths) and r["compiles"] == 0
+        assert r["useful_tokens_per_s"] > 0 and 0 < r["slot_utilization"] <= 1
+    assert (cont["path"], static["path"]) == ("continuous", "static")
+    # static batches of 4 run to their longest row: 40 + 25 + 11 steps
+    assert static["decode_steps"] == 40 + 25 + 11
+    assert static["slot_utilization"] == round(sum(lengths) / (4 * 76), 4)
+    assert cont["slot_utilization"] > static["slot_utilization"]
+    assert cont["kv_cache_mib"] <= static["kv_cache_mib"]
+
+
+def test_uniform_workload(capsys):
+    r = bench(capsys, "--batch", "2", "--n", "2", "--new", "6", "--repeats", "1")
+    assert r["workload"] == "uniform" and r["generated_tokens"] == 2 * 2 * 6
+    assert r["slot_utilization"] == 1.0
+
+
+@pytest.mark.parametrize("text", ["{\"a\": 1}", "[1, 0, 3]", "[]", "[1.5]", "[true]", "[-2]",
+                                  "not json", "[1, \"2\"]"])
+def test_bad_lengths_file_is_one_line(tmp_path, capsys, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["bench", "sample", "--shape", "test-tiny", "--lengths", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lengths" in err[0] and str(path) in err[0], err
+
+
+def test_bad_lengths_cli_no_traceback(tmp_path):
+    missing = tmp_path / "missing.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "tpt_jax.cli", "bench", "sample", "--lengths",
+                        str(missing)], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.strip().splitlines() if "error" in l]
+    assert len(p.stderr.strip().splitlines()) == 1 and str(missing) in lines[0], p.stderr
+    assert "Traceback" not in p.stderr

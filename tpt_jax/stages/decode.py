@@ -1,0 +1,492 @@
+"""Think's device programs: the sampling layout, the KV cache, and the compiled programs that
+`sampler.Sampler` drives.
+
+Continuous batching (what `Sampler.generate` runs) keeps a fixed set of decode slots:
+
+- `prefill`: a batch of waiting prompts (left-padded to one bucket) runs through the model once
+  into a prompt-sized cache, and its keys/values and last-position logits go to entries of the
+  prompt store (a prompt's n samples all start from its one entry);
+- `insert`: free slots take (prompt entry, sample): the entry's keys are copied into the slot's
+  row of the decode cache (columns [0, bucket), the layout of the static path), the rest of the
+  row is marked empty, and the first token is drawn from the stored logits;
+- `chunk`: a `lax.while_loop` of decode steps over every slot, each at its own position and
+  cache column (per-row writes, per-row masks, sliding windows included), that exits once
+  `min_exit` slots have finished (so the host can refill them), when all are done, or after
+  `max_steps`.
+
+A row's token i is drawn with key fold_in(row key, i), row key = fold_in(fold_in(key(seed),
+hash(question id)), sample index), whatever slot it runs in and whenever it starts. `generate`
+(the static path, the reference in tests and `tpt bench sample --static`) runs a batch of rows
+from one prefill to the end of its longest row, with the same keys, cache layout and length.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tpt_jax.config import validate_sampling
+from tpt_jax.gemma import model as M
+from tpt_jax.gemma.sharding import SAMPLE_RULES, constrain
+
+Array = jax.Array
+
+# Incremented in the Python body of each jitted program: counts traces (= compilations).
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def validate(self) -> "SamplingConfig":
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Static settings of the compiled programs (shapes add the rest)."""
+
+    sampling: SamplingConfig
+    group: int  # static path: rows per prompt (samples sharing one prefill); 1 otherwise
+    eos_ids: tuple
+    stop_seqs: tuple  # tuple of token-id tuples
+    pad_id: int
+    record_logits: bool = False  # also return every step's logits (tests)
+
+
+def row_keys(seed: Array, id_hashes: Array, samples: Array) -> Array:
+    """Per-row PRNG keys from (seed, question id hash, sample index)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda h, s: jax.random.fold_in(jax.random.fold_in(base, h), s))(
+        id_hashes, samples)
+
+
+def step_keys(keys: Array, steps: Array) -> Array:
+    """The key of each row's token `steps` (a scalar or one step per row)."""
+    return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(steps) else None))(keys, steps)
+
+
+def sample_logits(logits: Array, keys: Array, cfg: SamplingConfig) -> Array:
+    """Draw one token per row from logits [R, V] with per-row keys [R].
+
+    Temperature first, then top-k, then top-p (the smallest set of most likely tokens whose mass
+    reaches top_p; the first token is always kept), as in HF `generate`. Top-k uses `lax.top_k`,
+    so a 256k vocabulary is never fully sorted unless top-p alone is asked for."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    vocab = logits.shape[-1]
+    k = cfg.top_k if 0 < cfg.top_k < vocab else 0
+    if k == 0 and cfg.top_p < 1:
+        k = vocab
+    draw = jax.vmap(jax.random.categorical)
+    if k == 0:
+        return draw(keys, logits).astype(jnp.int32)
+    vals, idx = jax.lax.top_k(logits, k)  # sorted, largest first
+    if cfg.top_p < 1:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        vals = jnp.where(before < cfg.top_p, vals, -jnp.inf)
+    choice = draw(keys, vals)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- layout, cache
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """The sampler's KV cache: one [B, K, S, H] array per layer (no per-step slicing of a
+    stacked cache) and the slot positions [B, S] (-1 = empty)."""
+
+    k: tuple
+    v: tuple
+    pos: Array
+
+
+def init_layer_cache(cfg, rows: int, length: int, dtype: Any = jnp.float32) -> LayerCache:
+    shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return LayerCache(k=zeros(), v=zeros(), pos=jnp.full((rows, length), -1, jnp.int32))
+
+
+CACHE_AXES = M.CACHE_AXES[1:]  # one layer
+
+
+def constrain_cache(c: LayerCache) -> LayerCache:
+    return LayerCache(k=tuple(constrain(x, CACHE_AXES) for x in c.k),
+                      v=tuple(constrain(x, CACHE_AXES) for x in c.v),
+                      pos=constrain(c.pos, M.CACHE_POS_AXES))
+
+
+def transposed_unembed() -> bool:
+    """On CPU, x @ E.T streams the [V, D] embedding far slower than x @ E' with E' = E.T
+    stored [D, V] (measured 2.3x for the small shape), so the sampling layout keeps a
+    transposed copy there. Accelerators contract either layout at full speed: no copy."""
+    return jax.default_backend() == "cpu"
+
+
+def unstack_layers(params: Any, model: M.Gemma2, mesh=None, rules=SAMPLE_RULES) -> dict:
+    """Training layout (layers stacked for `lax.scan`) -> sampling layout: one param tree per
+    layer, placed with the sampling shardings. The decode step then reads each weight in place;
+    slicing a stacked weight inside the loop would copy every weight on every step."""
+    pairs = model.cfg.num_layers // 2
+    names = ("local", "global")  # layer 2p is local (sliding), 2p + 1 global
+    transpose = transposed_unembed()
+
+    def split(p):
+        blocks = [jax.tree.map(lambda x: x[i], p["layers"][name])
+                  for i in range(pairs) for name in names]
+        out = {"embedding": p["embedding"], "final_norm": p["final_norm"], "blocks": blocks}
+        if transpose:
+            out["unembed"] = p["embedding"].T
+        return out
+
+    if mesh is None:
+        return jax.jit(split)(params)
+    sh = M.param_shardings(model, mesh, rules)
+    drop = lambda s: NamedSharding(mesh, P(*tuple(s.spec)[1:]))
+    out = {"embedding": sh["embedding"], "final_norm": sh["final_norm"],
+           "blocks": [jax.tree.map(drop, sh["layers"][name]) for _ in range(pairs) for name in names]}
+    if transpose:
+        spec = tuple(sh["embedding"].spec) + (None,) * (2 - len(sh["embedding"].spec))
+        out["unembed"] = NamedSharding(mesh, P(spec[1], spec[0]))
+    return jax.jit(split, out_shardings=out)(params)
+
+
+def logits_of(sp: dict, hidden: Array, cfg) -> Array:
+    """Final logits (f32, soft-capped) from the sampling layout."""
+    if "unembed" not in sp:
+        return M.logits_from_hidden(sp["embedding"], hidden, cfg)
+    logits = jnp.einsum("...d,dv->...v", hidden, sp["unembed"].astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return M.softcap(logits, cfg.final_logit_softcap)
+
+
+def _row_write(x: Array, new: Array, index: Array) -> Array:
+    """x [B, S, ...] with new [B, T, ...] written at column index[b] of each row b."""
+    write = lambda x, n, i: jax.lax.dynamic_update_slice_in_dim(x, n, i, axis=0)
+    return jax.vmap(write)(x, new, index)
+
+
+def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
+                   cache: LayerCache, index: Array) -> tuple[Array, LayerCache]:
+    """Gemma2 over the sampling layout: the model's own blocks, one call per layer (unrolled),
+    writing the T new keys at cache column `index` (a scalar, or one column per row).
+    Returns the final hidden [B, T, D]."""
+    cfg, dt = model.cfg, model.dtype
+    x = jnp.take(sp["embedding"], tokens, axis=0).astype(dt)
+    x = constrain(x * jnp.asarray(math.sqrt(cfg.embed_dim), dt), ("act_batch", "act_length", "act_embed"))
+    positions = positions.astype(jnp.int32)
+    if jnp.ndim(index):
+        key_pos = _row_write(cache.pos, positions, index)
+    else:
+        key_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, index))
+    ks, vs = [], []
+    for layer, bp in enumerate(sp["blocks"]):
+        block = M.Block(cfg, layer % 2 == 0, dt, model.param_dtype)
+        kv = (cache.k[layer], cache.v[layer], key_pos)  # no layer axis: updated in place
+        x, (k, v, _) = block.apply({"params": bp}, x, positions, None, kv, 0, index)
+        ks.append(k)
+        vs.append(v)
+    x = M.RMSNorm(cfg.rms_norm_eps, model.param_dtype).apply({"params": sp["final_norm"]}, x)
+    return x, LayerCache(k=tuple(ks), v=tuple(vs), pos=key_pos)
+
+
+def _prefill_cache(model, sp, tokens, positions, dtype):
+    """Prefill prompts [P, Lb] into a prompt-sized cache -> (cache, last-position logits)."""
+    small = constrain_cache(init_layer_cache(model.cfg, tokens.shape[0], tokens.shape[1], dtype))
+    hidden, small = forward_layers(model, sp, tokens, positions, small, jnp.int32(0))
+    return small, logits_of(sp, hidden[:, -1], model.cfg)
+
+
+def _first_hit(tok: Array, prog: Program) -> Array:
+    """Rows whose first token ends them (EOS or a one-token stop sequence)."""
+    hit = jnp.zeros(tok.shape, bool)
+    for e in prog.eos_ids + tuple(s[0] for s in prog.stop_seqs if len(s) == 1):
+        hit |= tok == e
+    return hit
+
+
+# ----------------------------------------------------------------------------- static path
+
+
+def _stop_hit(out: Array, step: Array, tok: Array, prog: Program) -> Array:
+    """Rows whose generated tokens (out[:, :step+1], tok at `step`) end with EOS or a stop
+    sequence."""
+    hit = jnp.zeros(tok.shape, bool)
+    for e in prog.eos_ids:
+        hit |= tok == e
+    for seq in prog.stop_seqs:
+        m = len(seq)
+        if m > out.shape[1]:  # longer than max_new: can never complete
+            continue
+        if m == 1:
+            hit |= tok == seq[0]
+            continue
+        window = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(step - m + 1, 0), m, axis=1)
+        hit |= (step + 1 >= m) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
+    return hit
+
+
+def generate(model: M.Gemma2, sp: dict, cache: LayerCache, tokens: Array, positions: Array,
+             id_hashes: Array, samples: Array, limits: Array, seed: Array, prog: Program):
+    """The static program: prefill P prompts, expand to P*g rows, decode until every row is done.
+
+    tokens/positions [P, Lb] (left-padded, position -1 = padding); id_hashes/samples/limits [R]
+    (limit 0 = a padding row). Returns (cache, out [R, max_new] (pad after the end),
+    num_tokens [R], stopped [R], the logits of every step [R, max_new, V] or None)."""
+    TRACE_COUNT["generate"] += 1
+    cfg, g, max_new = model.cfg, prog.group, prog.sampling.max_new_tokens
+    n_prompts, lb = tokens.shape
+    rows = n_prompts * g
+    live = limits > 0
+
+    # 1. prefill the unique prompts; logits for the last position only
+    small, last = _prefill_cache(model, sp, tokens, positions, cache.k[0].dtype)
+
+    # 2. share it: g rows per prompt, written into the donated decode cache in place
+    rep = lambda x, axis: jnp.repeat(x, g, axis=axis) if g > 1 else x
+    put = lambda big, x: jax.lax.dynamic_update_slice(big, rep(x, 0), (0,) * big.ndim)
+    cache = constrain_cache(LayerCache(
+        k=tuple(put(b, x) for b, x in zip(cache.k, small.k)),
+        v=tuple(put(b, x) for b, x in zip(cache.v, small.v)),
+        pos=jnp.full(cache.pos.shape, -1, jnp.int32).at[:, :lb].set(rep(small.pos, 0))))
+    next_pos = rep(jnp.max(positions, axis=1) + 1, 0)  # [R] position of the first new token
+
+    keys = row_keys(seed, id_hashes, samples)
+    tok = sample_logits(rep(last, 0), step_keys(keys, 0), prog.sampling)
+    out = jnp.full((rows, max_new), prog.pad_id, jnp.int32).at[:, 0].set(tok)
+    seen = None
+    if prog.record_logits:
+        seen = jnp.zeros((rows, max_new, cfg.vocab_size), jnp.float32).at[:, 0].set(rep(last, 0))
+    hit = _stop_hit(out, jnp.int32(0), tok, prog) & live
+    done = hit | (limits <= 1)
+    num = jnp.where(hit, 1, 0).astype(jnp.int32)
+
+    # 3. decode: feed token i-1, draw token i
+    def cond(state):
+        i, _, _, done, _, _, _ = state
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(state):
+        i, out, tok, done, num, cache, seen = state
+        pos = (next_pos + i - 1)[:, None]
+        hidden, cache = forward_layers(model, sp, tok[:, None], pos, cache, lb + i - 1)
+        step_logits = logits_of(sp, hidden[:, 0], cfg)
+        if seen is not None:
+            seen = jax.lax.dynamic_update_slice_in_dim(seen, step_logits[:, None], i, axis=1)
+        new = sample_logits(step_logits, step_keys(keys, i), prog.sampling)
+        new = jnp.where(done, prog.pad_id, new)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
+        hit = _stop_hit(out, i, new, prog) & ~done
+        num = jnp.where(hit, i + 1, num)
+        return i + 1, out, new, done | hit | (i + 1 >= limits), num, constrain_cache(cache), seen
+
+    state = (jnp.int32(1), out, tok, done, num, cache, seen)
+    steps, out, _, done, num, cache, seen = jax.lax.while_loop(cond, body, state)
+    stopped = (num > 0) & live
+    num = jnp.where(stopped, num, jnp.minimum(limits, max_new))
+    # replicated on every device, so each host can read the whole result
+    if seen is not None:
+        seen = constrain(seen, (None, None, None))
+    return (cache, constrain(out, (None, None)), constrain(num, (None,)),
+            constrain(stopped, (None,)), seen, steps)
+
+
+# ----------------------------------------------------------------------------- continuous
+
+
+@flax.struct.dataclass
+class Store:
+    """Prefilled prompts waiting for (more of) their samples to start: keys/values [E, K, Lp, H]
+    per layer (left-padded to their bucket, columns past it empty), positions [E, Lp], the
+    logits of the last prompt position [E, V], the bucket and the prompt length [E]."""
+
+    k: tuple
+    v: tuple
+    pos: Array
+    logits: Array
+    start: Array
+    pos0: Array
+
+
+@flax.struct.dataclass
+class Slots:
+    """Per decode slot: the last drawn token (fed next), tokens drawn so far (`step`), first
+    generated column (= the prompt's bucket) and position (= prompt length), token limit, the
+    row's (id hash, sample), done/stopped flags, drawn tokens [R, max_new], the last tokens
+    (for stop sequences) and, for tests, every step's logits."""
+
+    tok: Array
+    step: Array
+    start: Array
+    pos0: Array
+    limit: Array
+    hash: Array
+    sample: Array
+    done: Array
+    stopped: Array
+    out: Array
+    recent: Array
+    seen: Optional[Array]
+
+
+def init_store(cfg, entries: int, length: int, dtype) -> Store:
+    c = init_layer_cache(cfg, entries, length, dtype)
+    z = jnp.zeros((entries,), jnp.int32)
+    return _constrain_store(Store(k=c.k, v=c.v, pos=c.pos, start=z, pos0=z,
+                                  logits=jnp.zeros((entries, cfg.vocab_size), jnp.float32)))
+
+
+def init_slots(cfg, rows: int, prog: Program) -> Slots:
+    z = jnp.zeros((rows,), jnp.int32)
+    m = prog.sampling.max_new_tokens
+    window = max([len(s) for s in prog.stop_seqs] + [1])
+    seen = jnp.zeros((rows, m, cfg.vocab_size), jnp.float32) if prog.record_logits else None
+    return _constrain_slots(Slots(
+        tok=z, step=z, start=z, pos0=z, limit=z, hash=z, sample=z, done=jnp.ones((rows,), bool),
+        stopped=jnp.zeros((rows,), bool), out=jnp.full((rows, m), prog.pad_id, jnp.int32),
+        recent=jnp.full((rows, window), prog.pad_id, jnp.int32), seen=seen))
+
+
+def _constrain_slots(s: Slots) -> Slots:
+    row = lambda x: None if x is None else constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    return jax.tree.map(row, s)
+
+
+def _constrain_store(s: Store) -> Store:
+    c = constrain_cache(LayerCache(k=s.k, v=s.v, pos=s.pos))
+    row = lambda x: constrain(x, ("cache_batch",) + (None,) * (x.ndim - 1))
+    return Store(k=c.k, v=c.v, pos=c.pos, logits=row(s.logits), start=row(s.start),
+                 pos0=row(s.pos0))
+
+
+def prefill(model: M.Gemma2, sp: dict, store: Store, tokens: Array, positions: Array,
+            src: Array) -> Store:
+    """Prefill prompts [P, Lb] into the (donated) store: entry e takes prompt src[e] (-1: kept)."""
+    TRACE_COUNT["prefill"] += 1
+    lb = tokens.shape[1]
+    small, last = _prefill_cache(model, sp, tokens, positions, store.k[0].dtype)
+    take, keep = jnp.maximum(src, 0), src < 0
+
+    def pick(old, new):  # new [P, ...] gathered per entry, old kept where src < 0
+        mask = keep.reshape((-1,) + (1,) * (old.ndim - 1))
+        return jnp.where(mask, old, new[take])
+
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, store.k[0].shape[2] - lb), (0, 0)))
+    pos = jnp.pad(small.pos, ((0, 0), (0, store.pos.shape[1] - lb)), constant_values=-1)
+    return _constrain_store(Store(
+        k=tuple(pick(o, pad(n)) for o, n in zip(store.k, small.k)),
+        v=tuple(pick(o, pad(n)) for o, n in zip(store.v, small.v)),
+        pos=pick(store.pos, pos), logits=pick(store.logits, last),
+        start=pick(store.start, jnp.full(src.shape, lb, jnp.int32)),
+        pos0=pick(store.pos0, jnp.max(positions, axis=1) + 1)))
+
+
+def insert(model: M.Gemma2, cache: LayerCache, slots: Slots, store: Store, entry: Array,
+           hashes: Array, samples: Array, limits: Array, seed: Array, prog: Program):
+    """Start new rows in the (donated) decode cache and slots: slot r takes store entry
+    entry[r] (-1: slot untouched) as sample (hashes[r], samples[r]) with token limit limits[r],
+    and draws its first token."""
+    TRACE_COUNT["insert"] += 1
+    new, take = entry >= 0, jnp.maximum(entry, 0)
+    lp = store.k[0].shape[2]
+    sel = lambda old, x: jnp.where(new.reshape((-1,) + (1,) * (old.ndim - 1)), x, old)
+    prefix = lambda c, s: jax.lax.dynamic_update_slice(c, sel(c[:, :, :lp], s[take]), (0,) * 4)
+    pos = jnp.pad(store.pos[take], ((0, 0), (0, cache.pos.shape[1] - lp)), constant_values=-1)
+    cache = constrain_cache(LayerCache(k=tuple(prefix(c, s) for c, s in zip(cache.k, store.k)),
+                                       v=tuple(prefix(c, s) for c, s in zip(cache.v, store.v)),
+                                       pos=sel(cache.pos, pos)))
+    first = store.logits[take]
+    tok = sample_logits(first, step_keys(row_keys(seed, hashes, samples), 0), prog.sampling)
+    hit = _first_hit(tok, prog)
+    out0 = jnp.full(slots.out.shape, prog.pad_id, jnp.int32).at[:, 0].set(tok)
+    recent0 = jnp.full(slots.recent.shape, prog.pad_id, jnp.int32).at[:, -1].set(tok)
+    seen = slots.seen
+    if seen is not None:
+        seen = sel(seen, jnp.zeros_like(seen).at[:, 0].set(first))
+    slots = Slots(tok=sel(slots.tok, tok), step=sel(slots.step, jnp.ones_like(tok)),
+                  start=sel(slots.start, store.start[take]), pos0=sel(slots.pos0, store.pos0[take]),
+                  limit=sel(slots.limit, limits), hash=sel(slots.hash, hashes),
+                  sample=sel(slots.sample, samples), done=sel(slots.done, hit | (limits <= 1)),
+                  stopped=sel(slots.stopped, hit), out=sel(slots.out, out0),
+                  recent=sel(slots.recent, recent0), seen=seen)
+    return cache, _constrain_slots(slots)
+
+
+def chunk(model: M.Gemma2, sp: dict, cache: LayerCache, slots: Slots, seed: Array,
+          max_steps: Array, min_exit: Array, prog: Program):
+    """Decode every live slot, one token a step, until `min_exit` slots have finished, all are
+    done, or `max_steps` steps. Returns (cache, slots, steps run, replicated (done, tokens
+    drawn, stopped, out, logits or None))."""
+    TRACE_COUNT["chunk"] += 1
+    cfg, max_new = model.cfg, prog.sampling.max_new_tokens
+
+    def cond(state):
+        k, fin, s, _ = state
+        return (k < max_steps) & (fin < min_exit) & ~jnp.all(s.done)
+
+    def body(state):
+        k, fin, s, cache = state
+        live = ~s.done
+        pos = (s.pos0 + s.step - 1)[:, None]
+        hidden, cache = forward_layers(model, sp, s.tok[:, None], pos, cache,
+                                       s.start + s.step - 1)
+        step_logits = logits_of(sp, hidden[:, 0], cfg)
+        keys = step_keys(row_keys(seed, s.hash, s.sample), s.step)
+        new = jnp.where(live, sample_logits(step_logits, keys, prog.sampling), prog.pad_id)
+        at = jnp.where(live, s.step, max_new)  # done rows write nothing
+        write = jax.vmap(lambda x, n, i: x.at[i].set(n, mode="drop"))
+        out, seen = write(s.out, new, at), s.seen
+        if seen is not None:
+            seen = write(seen, step_logits, at)
+        recent = jnp.where(live[:, None], jnp.concatenate([s.recent[:, 1:], new[:, None]], 1),
+                           s.recent)
+        hit = jnp.zeros(new.shape, bool)
+        for e in prog.eos_ids:
+            hit |= new == e
+        for seq in prog.stop_seqs:
+            m = len(seq)
+            if m <= max_new:
+                tail = recent[:, recent.shape[1] - m:]
+                hit |= (s.step + 1 >= m) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
+        hit &= live
+        step = s.step + live.astype(jnp.int32)
+        done = s.done | hit | (step >= s.limit)
+        s = s.replace(tok=new, step=step, done=done, stopped=s.stopped | hit, out=out,
+                      recent=recent, seen=seen)
+        fin = fin + jnp.sum(done & live).astype(jnp.int32)
+        return k + 1, fin, _constrain_slots(s), constrain_cache(cache)
+
+    state = (jnp.int32(0), jnp.int32(0), slots, cache)
+    steps, _, slots, cache = jax.lax.while_loop(cond, body, state)
+    rep = lambda x: None if x is None else constrain(x, (None,) * x.ndim)
+    return cache, slots, steps, tuple(rep(x) for x in (slots.done, slots.step, slots.stopped,
+                                                       slots.out, slots.seen))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(cfg, dtype, param_dtype):
+    """The jitted programs of one model shape, shared by every Sampler (new samplers for the
+    same model, e.g. one per round, reuse the compiled programs)."""
+    model = M.make_model(cfg, dtype, param_dtype)
+    jit = lambda f, donate, static=("prog",): jax.jit(functools.partial(f, model),
+                                                     static_argnames=static,
+                                                     donate_argnames=donate)
+    return {"generate": jit(generate, ("cache",)), "prefill": jit(prefill, ("store",), ()),
+            "insert": jit(insert, ("cache", "slots")), "chunk": jit(chunk, ("cache", "slots"))}
