@@ -116,6 +116,19 @@ def test_run_dir_lock_corrupt_state_and_foreign_state(tmp_path, capsys):
     assert "not a tpt run state file" in one_error_line(capsys, "run")
 
 
+def test_held_lock_is_process_0s_alone(tmp_path, monkeypatch):
+    """On a multi-process run process 0 holds the lock while process 1 starts: process 1 must
+    not read the held lock as another run's (a race that failed the two-process run)."""
+    from tpt_jax.config import load_run_config
+    from tpt_jax.loop import rundir
+    out, cfg = tmp_path / "run", load_run_config(None, TINY)
+    with rundir.RunDir(str(out), cfg):
+        with pytest.raises(TptError, match="another tpt run"):
+            rundir.check_output(str(out), cfg)
+        monkeypatch.setattr(rundir.jax, "process_index", lambda: 1)
+        rundir.check_output(str(out), cfg)  # process 1: no error
+
+
 def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     """The real entry point: an unknown key and a wrong type, stderr is one line, exit 2."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")

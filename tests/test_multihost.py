@@ -125,8 +125,9 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    for name, p in procs.items():
-        assert p.returncode == 0, f"{name} exited {p.returncode}:\n{outputs.get(name, '')[-4000:]}"
+    failed = {name: p.returncode for name, p in procs.items() if p.returncode != 0}
+    assert not failed, "".join(f"\n--- {name} exited {code}:\n{outputs.get(name, '')[-3000:]}"
+                               for name, code in failed.items())
 
     # Both processes took part; only process 0 reported.
     assert "[p1]" in outputs["p1"] and "[p0]" not in outputs["p1"]

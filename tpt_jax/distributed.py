@@ -233,11 +233,34 @@ def is_primary() -> bool:
     return process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches this point (a no-op on a single process)."""
-    if process_count() > 1:
+BARRIER_TIMEOUT_S = 3600
+_barriers_passed = 0
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process reaches this point (a no-op on a single process).
+
+    Waits on the coordination service rather than in a collective: a CPU (gloo) collective
+    gives up when one process arrives 30 s after another, and process 0 may spend minutes
+    writing files the others then read. Orbax's own syncs are such collectives, so call this
+    just before handing Orbax a multi-process save or restore: the processes enter it together.
+    """
+    global _barriers_passed
+    if process_count() == 1:
+        return
+    from jax._src import distributed as _d
+    client = _d.global_state.client
+    if client is None:  # initialized by something that left no client: use a collective
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+        return
+    _barriers_passed += 1  # every process passes the same barriers in the same order
+    try:
+        client.wait_at_barrier(f"{name}#{_barriers_passed}", timeout_in_ms=timeout_s * 1000)
+    except Exception as e:
+        raise DistributedError(
+            f"process {process_index()} waited {timeout_s} s at barrier {name!r} and not every "
+            f"process arrived ({str(e).splitlines()[0][:160]})") from None
 
 
 # ----------------------------------------------------------------------------- logging

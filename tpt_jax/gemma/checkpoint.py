@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from tpt_jax import io
+from tpt_jax import distributed, io
 from tpt_jax.gemma import manifest
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True)
+        distributed.barrier("tpt-checkpoints-open")  # Orbax's first sync is a gloo collective
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -99,8 +100,7 @@ class Checkpoints:
             if src.exists():
                 src.rename(dst)
             self._forget(step)
-        if jax.process_count() > 1:
-            ocp.multihost.sync_global_processes(f"tpt_quarantine_{step}")
+        distributed.barrier(f"tpt-quarantine-{step}")
         self.manager.reload()
 
     def wait(self) -> None:

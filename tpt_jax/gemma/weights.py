@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tpt_jax import faults, io
+from tpt_jax import distributed, faults, io
 from tpt_jax.config import TptError
 from tpt_jax.config_io import from_dict
 from tpt_jax.gemma import hub, manifest
@@ -371,6 +371,7 @@ def save_params(params: Any, cfg: ModelConfig, out_dir: str) -> None:
     target = io.path(out_dir)
     if not io.is_remote(out_dir):
         target = io.path(os.path.abspath(out_dir))
+    distributed.barrier("tpt-params-save")  # Orbax syncs with gloo collectives on CPU
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target / "params", params, force=True)
         faults.point("params-save")  # the write is in flight (Orbax: temporary dir, rename)
@@ -397,6 +398,7 @@ def load_params(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
         shardings = param_shardings(model, mesh, rules)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
+    distributed.barrier("tpt-params-restore")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(target / "params", abstract)

@@ -35,7 +35,8 @@ def check_output(root: str, cfg: Any, force: bool = False) -> None:
     io.check_writable_dir(root, "--output")
     if not io.path(root).exists():
         return
-    _check_lock(root)
+    if jax.process_index() == 0:  # the lock is process 0's; the others would see it held
+        _check_lock(root)
     _resolve_state(root, cfg, force)
 
 
