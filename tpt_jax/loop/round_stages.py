@@ -163,7 +163,8 @@ def eval_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact) -> None:
     """Greedy Pass@1 and sampled pass@k / maj@k of round r's model on the eval split."""
     result = evaluate.evaluate(params.get(), s.model, s.tokenizer, s.eval_questions, rc.eval,
                                s.mesh, template=rc.prompt, shots=s.shots, seed=s.cfg.seed,
-                               think_cfg=rc.think, out_dir=rd.path(tag(r), "eval"))
+                               think_cfg=rc.think, out_dir=rd.path(tag(r), "eval"),
+                               progress=s.progress)
     if rd.primary:
         io.write_json_atomic(rd.path(tag(r), "eval.json"), result)
 

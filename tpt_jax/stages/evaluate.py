@@ -58,7 +58,8 @@ def summarize(questions: Sequence[dict], greedy: Optional[Sequence[dict]],
 
 def evaluate(params: Any, model, tokenizer, questions: Sequence[dict], cfg: EvalConfig,
              mesh=None, *, template: str, shots: Optional[Sequence[dict]] = None, seed: int = 0,
-             think_cfg: Optional[ThinkConfig] = None, out_dir: Optional[str] = None) -> dict:
+             think_cfg: Optional[ThinkConfig] = None, out_dir: Optional[str] = None,
+             progress: bool = True) -> dict:
     """Greedy Pass@1 (if cfg.greedy) and pass@k from cfg.n samples at cfg.temperature.
     With `out_dir`, samples are kept in out_dir/greedy and out_dir/sampled (resumable)."""
     base = think_cfg or ThinkConfig()
@@ -70,7 +71,7 @@ def evaluate(params: Any, model, tokenizer, questions: Sequence[dict], cfg: Eval
     where = lambda name: None if out_dir is None else f"{out_dir}/{name}"
     run = lambda c, name: think.think(params, model, tokenizer, questions, c, where(name), mesh,
                                       template=template, shots=shots, source="eval",
-                                      sampler=sampler)
+                                      sampler=sampler, progress=progress)
     greedy = run(greedy_cfg, "greedy") if cfg.greedy else None
     sampled = run(sampled_cfg, "sampled") if cfg.n > 0 else None
     return summarize(questions, greedy, sampled, cfg.k)

@@ -208,9 +208,11 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
 
     total = sum(len(s) for s in shards) * cfg.n
     initial = sum(len(s) for s, d in zip(shards, done) if d) * cfg.n
+    # samples as they finish; off on other processes and when stderr is not a terminal
     bar = tqdm(total=total, initial=initial, unit="sample", desc="think", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
+               disable=True if not progress or jax.process_index() != 0 else None)
     records: list[dict] = []
+    used = offered = 0  # tokens drawn / slot-steps run: how busy the decode slots were
     try:
         for k, (shard, is_done) in enumerate(zip(shards, done)):
             if is_done:
@@ -222,6 +224,9 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                             [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
                             stops, progress=bar.update,
                             encoded=[encoded[i] for i in shard]) if shard else []
+            if shard:
+                used += sampler.stats["tokens"]
+                offered += sampler.stats["slots"] * sampler.stats["decode_steps"]
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
@@ -231,10 +236,11 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     finally:
         bar.close()
     if out_dir is not None:
-        log.info("think: %d samples for %d questions in %s (%d shards, %d reused%s)",
+        log.info("think: %d samples for %d questions in %s (%d shards, %d reused%s%s)",
                  len(records), len(questions), out_dir, len(shards), sum(done),
                  "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
-                         if isinstance(v, int)))
+                         if isinstance(v, int)),
+                 f"; decode slots busy {used / offered:.0%}" if offered else "")
     return records
 
 
