@@ -16,12 +16,12 @@ rows through static batches in file order (each runs to its longest row: the pee
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import jax
 import numpy as np
 
+from tpt_jax import io
 from tpt_jax.config import ConfigError, TptError
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES
@@ -54,14 +54,10 @@ def add_bench_cli(parser) -> None:
 def read_lengths(path: str) -> list[int]:
     """A JSON list of positive integers, or a one-line TptError naming the file."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise TptError(f"--lengths {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise TptError(f"--lengths {path}: not JSON ({str(e).splitlines()[0]})") from None
-    if (not isinstance(data, list) or not data
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in data)):
+        data = io.read_json(path, list)
+    except TptError as e:
+        raise TptError(f"--lengths {e}") from None
+    if not data or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in data):
         raise TptError(f"--lengths {path}: must be a non-empty JSON list of positive integers")
     return data
 

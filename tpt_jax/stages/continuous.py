@@ -13,7 +13,7 @@ Every host takes the same decisions from the same replicated outputs.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +30,19 @@ def prefill_sizes(entries: int) -> tuple[int, ...]:
         out.append(b)
         b *= 4
     return tuple(out) + (entries,)
+
+
+def left_pad(prompts: Sequence[list], rows: int, bucket: int, pad_id: int):
+    """Prompts (at most `bucket` ids each) -> host tokens and positions [rows, bucket],
+    left-padded (position -1 = padding) so every prompt's first new token goes to cache
+    column `bucket`; rows past the prompts are all padding. The static path uses it too."""
+    tokens = np.full((rows, bucket), pad_id, np.int32)
+    positions = np.full((rows, bucket), -1, np.int32)
+    for r, ids in enumerate(prompts):
+        if ids:
+            tokens[r, bucket - len(ids):] = ids
+            positions[r, bucket - len(ids):] = np.arange(len(ids))
+    return tokens, positions
 
 
 class ContinuousRun:
@@ -154,14 +167,9 @@ class ContinuousRun:
         """Prefill prompts of one bucket (at most `entries`) into their store entries."""
         b = self.work[group[0]][0]
         size = next(s for s in self.sizes if s >= len(group))
-        tokens = np.full((size, b), self.s.pad_id, np.int32)
-        positions = np.full((size, b), -1, np.int32)
+        tokens, positions = left_pad([self.work[i][1] for i in group], size, b, self.s.pad_id)
         src = np.full(self.entries, -1, np.int32)
         for r, i in enumerate(group):
-            ids = self.work[i][1]
-            if ids:
-                tokens[r, b - len(ids):] = ids
-                positions[r, b - len(ids):] = np.arange(len(ids))
             src[self.entry_of[i]] = r
         self.s.stats["prefills"] += 1
         put = self.s.put

@@ -214,11 +214,17 @@ def _prefill_cache(model, sp, tokens, positions, dtype):
     return small, logits_of(sp, hidden[:, -1], model.cfg)
 
 
-def _first_hit(tok: Array, prog: Program) -> Array:
-    """Rows whose first token ends them (EOS or a one-token stop sequence)."""
-    hit = jnp.zeros(tok.shape, bool)
-    for e in prog.eos_ids + tuple(s[0] for s in prog.stop_seqs if len(s) == 1):
-        hit |= tok == e
+def _recent_hit(recent: Array, drawn: Array, new: Array, prog: Program) -> Array:
+    """Rows whose newest token `new` (the last of `recent`, after `drawn` earlier tokens) is
+    EOS or completes a stop sequence."""
+    hit = jnp.zeros(new.shape, bool)
+    for e in prog.eos_ids:
+        hit |= new == e
+    for seq in prog.stop_seqs:
+        m = len(seq)
+        if m <= prog.sampling.max_new_tokens:
+            tail = recent[:, recent.shape[1] - m:]
+            hit |= (drawn + 1 >= m) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
     return hit
 
 
@@ -414,9 +420,9 @@ def insert(model: M.Gemma2, cache: LayerCache, slots: Slots, store: Store, entry
                                        pos=sel(cache.pos, pos)))
     first = store.logits[take]
     tok = sample_logits(first, step_keys(row_keys(seed, hashes, samples), 0), prog.sampling)
-    hit = _first_hit(tok, prog)
     out0 = jnp.full(slots.out.shape, prog.pad_id, jnp.int32).at[:, 0].set(tok)
     recent0 = jnp.full(slots.recent.shape, prog.pad_id, jnp.int32).at[:, -1].set(tok)
+    hit = _recent_hit(recent0, jnp.zeros_like(tok), tok, prog)
     seen = slots.seen
     if seen is not None:
         seen = sel(seen, jnp.zeros_like(seen).at[:, 0].set(first))
@@ -457,15 +463,7 @@ def chunk(model: M.Gemma2, sp: dict, cache: LayerCache, slots: Slots, seed: Arra
             seen = write(seen, step_logits, at)
         recent = jnp.where(live[:, None], jnp.concatenate([s.recent[:, 1:], new[:, None]], 1),
                            s.recent)
-        hit = jnp.zeros(new.shape, bool)
-        for e in prog.eos_ids:
-            hit |= new == e
-        for seq in prog.stop_seqs:
-            m = len(seq)
-            if m <= max_new:
-                tail = recent[:, recent.shape[1] - m:]
-                hit |= (s.step + 1 >= m) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
-        hit &= live
+        hit = _recent_hit(recent, s.step, new, prog) & live
         step = s.step + live.astype(jnp.int32)
         done = s.done | hit | (step >= s.limit)
         s = s.replace(tok=new, step=step, done=done, stopped=s.stopped | hit, out=out,

@@ -22,7 +22,6 @@ it, so it is safe on several hosts. The device programs are in `decode.py`.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -39,7 +38,7 @@ from tpt_jax.config import ConfigError, MeshConfig
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES, logical_to_spec, use_rules
 from tpt_jax.stages import decode as D
-from tpt_jax.stages.continuous import ContinuousRun, prefill_sizes
+from tpt_jax.stages.continuous import ContinuousRun, left_pad, prefill_sizes
 from tpt_jax.stages.decode import (  # noqa: F401  (the sampler's public names)
     TRACE_COUNT, LayerCache, SamplingConfig, forward_layers, init_layer_cache, logits_of,
     row_keys, sample_logits, unstack_layers)
@@ -306,14 +305,10 @@ class Sampler:
         sample, count) per prompt; rows past the last item are padding (limit 0)."""
         g, bucket = prog.group, batch[0][0]
         n_prompts = self.rows // g
-        tokens = np.full((n_prompts, bucket), self.pad_id, np.int32)
-        positions = np.full((n_prompts, bucket), -1, np.int32)
+        tokens, positions = left_pad([work[i][1] for _, i, _, _ in batch], n_prompts, bucket,
+                                       self.pad_id)
         hs, samples, lim = (np.zeros(n_prompts * g, np.int32) for _ in range(3))
         for p, (_, i, first, count) in enumerate(batch):
-            ids = work[i][1]
-            if ids:
-                tokens[p, bucket - len(ids):] = ids
-                positions[p, bucket - len(ids):] = np.arange(len(ids))
             hs[p * g:(p + 1) * g] = hashes[i]
             samples[p * g:(p + 1) * g] = first + np.arange(g)
             lim[p * g:p * g + count] = limits[i]
