@@ -5,7 +5,7 @@ import os
 
 from tpt_jax.gemma import export, model as M, weights
 from tpt_jax.gemma.tokenizer import builtin_tokenizer, load_tokenizer
-from tpt_jax.stages import sampler as S
+from tpt_jax import engine as S
 
 WORDS = "one two three plus is the answer <end_of_turn>".split()
 

@@ -6,15 +6,18 @@ import jax
 import numpy as np
 import pytest
 
-from tpt_jax.gemma import model as M
-from tpt_jax.stages import sampler as S
+from tpt_jax.gemma import attention as A, model as M
+from tpt_jax.engine import sampler as S
+from tpt_jax.engine.device import prefill_sizes
+from tpt_jax.engine.programs import TRACE_COUNT
+from tpt_jax.engine.sampling import SamplingConfig, row_keys, sample_logits
 from tpt_jax.gemma import weights
 from tpt_jax.config import ConfigError, MeshConfig
 from tpt_jax.gemma.config import model_preset
 from tpt_jax.gemma.sharding import make_mesh
 from conftest import make_hf_checkpoint
 
-GREEDY = S.SamplingConfig(temperature=0.0, max_new_tokens=14)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=14)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def test_cache_decoding_matches_full_forward(tiny):
     assert model.cfg.sliding_window == 8
     prompts = prompts_of([5, 11, 16], model.cfg.vocab_size)
     sampler = S.Sampler(model, params, rows=6, buckets=(16,), eos_id=None)
-    sampling = S.SamplingConfig(temperature=1.0, max_new_tokens=14)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=14)
     res = sampler.generate(prompts, sampling, n=2, return_logits=True)
     seqs = [(p, g) for p, gens in zip(prompts, res) for g in gens]
     width = max(len(p) + len(g.tokens) for p, g in seqs)
@@ -76,7 +79,7 @@ def test_greedy_matches_hf_generate(hf_varied):
     params = weights.load_hf(path, model)
     prompts = prompts_of([4, 9, 13], cfg.vocab_size, seed=1)
     sampler = S.Sampler(model, params, rows=4, max_prompt_tokens=16, eos_id=None)
-    ours = sampler.generate(prompts, S.SamplingConfig(max_new_tokens=16))
+    ours = sampler.generate(prompts, SamplingConfig(max_new_tokens=16))
     for p, gens in zip(prompts, ours):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16,
@@ -113,9 +116,9 @@ def expected_probs(logits, t, top_k, top_p):
 def test_sampling_distribution(t, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.2, 1.0, 0.4, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, 1.1], np.float32)
     draws = 40000
-    keys = S.row_keys(jax.numpy.int32(7), np.zeros(draws, np.int32), np.arange(draws, dtype=np.int32))
-    cfg = S.SamplingConfig(temperature=t, top_k=top_k, top_p=top_p)
-    toks = np.asarray(jax.jit(lambda k: S.sample_logits(
+    keys = row_keys(jax.numpy.int32(7), np.zeros(draws, np.int32), np.arange(draws, dtype=np.int32))
+    cfg = SamplingConfig(temperature=t, top_k=top_k, top_p=top_p)
+    toks = np.asarray(jax.jit(lambda k: sample_logits(
         jax.numpy.broadcast_to(logits, (draws, logits.size)), k, cfg))(keys))
     counts = np.bincount(toks, minlength=logits.size)
     p = expected_probs(logits.astype(np.float64), t, top_k, top_p)
@@ -128,8 +131,8 @@ def test_sampling_distribution(t, top_k, top_p):
 
 def test_greedy_is_argmax():
     logits = np.random.RandomState(0).randn(5, 50).astype(np.float32)
-    keys = S.row_keys(jax.numpy.int32(0), np.zeros(5, np.int32), np.arange(5, dtype=np.int32))
-    got = S.sample_logits(logits, keys, S.SamplingConfig(temperature=0.0))
+    keys = row_keys(jax.numpy.int32(0), np.zeros(5, np.int32), np.arange(5, dtype=np.int32))
+    got = sample_logits(logits, keys, SamplingConfig(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(got), logits.argmax(-1))
 
 
@@ -150,7 +153,7 @@ def test_sharded_greedy_equals_single_device(tiny, single_device_greedy, shape):
     prompts, want = single_device_greedy
     mesh = make_mesh(MeshConfig(*shape))
     sharded = S.Sampler(model, params, mesh, rows=8, buckets=(16,), eos_id=None)
-    assert len(sharded.params["blocks"][0]["attn"]["q"].sharding.device_set) == 8
+    assert len(sharded.device.params["blocks"][0]["attn"]["q"].sharding.device_set) == 8
     got = [[g.tokens for g in r] for r in sharded.generate(prompts, GREEDY, n=1)]
     assert got == want
 
@@ -164,7 +167,7 @@ def test_same_samples_regardless_of_batch(tiny):
     model, params = tiny
     prompts = prompts_of([6, 10, 14, 8], model.cfg.vocab_size, seed=4)
     ids = ["a", "b", "c", "d"]
-    sampling = S.SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=10)
+    sampling = SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=10)
     big = S.Sampler(model, params, rows=8, buckets=(16,), eos_id=None)
     small = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
     a = big.generate(prompts, sampling, n=4, ids=ids, seed=5)
@@ -181,18 +184,18 @@ def test_compilations_bounded(tiny):
     and per bucket at most one prefill per prefill size; never one per batch or per call."""
     model, params = tiny
     sampler = S.Sampler(model, params, rows=4, buckets=(8, 16), eos_id=None)
-    sampling = S.SamplingConfig(temperature=0.8, max_new_tokens=4)
-    before = dict(S.TRACE_COUNT)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=4)
+    before = dict(TRACE_COUNT)
     lengths = [3, 5, 8, 9, 12, 16, 4, 7, 15, 2, 11]
     sampler.generate(prompts_of(lengths, model.cfg.vocab_size), sampling, n=2)
-    new = lambda: {k: v - before.get(k, 0) for k, v in S.TRACE_COUNT.items()}
+    new = lambda: {k: v - before.get(k, 0) for k, v in TRACE_COUNT.items()}
     first = new()
     assert first["chunk"] == 1 and first["insert"] == 1
-    assert 1 <= first["prefill"] <= 2 * len(S.prefill_sizes(4 // 2))
+    assert 1 <= first["prefill"] <= 2 * len(prefill_sizes(4 // 2))
     sampler.generate(prompts_of(lengths[::-1] + [6, 13], model.cfg.vocab_size, seed=9), sampling,
                      n=2, max_new_tokens=[1, 2, 3, 4] * 3 + [2])
     assert new()["chunk"] == 1 and new()["insert"] == 1
-    assert new()["prefill"] <= 2 * len(S.prefill_sizes(2))
+    assert new()["prefill"] <= 2 * len(prefill_sizes(2))
 
 
 def test_long_prompt_keeps_last_tokens(tiny):
@@ -238,7 +241,7 @@ def test_bucket_helpers():
     assert S.prompt_buckets(100) == (32, 64, 100)
     assert S.bucket_for(33, (32, 64)) == 64 and S.bucket_for(99, (32, 64)) == 64
     assert S.stable_hash("q1") == S.stable_hash("q1") != S.stable_hash("q2")
-    assert math.isclose(S.SamplingConfig(top_p=0.5).top_p, 0.5)
+    assert math.isclose(SamplingConfig(top_p=0.5).top_p, 0.5)
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -266,7 +269,7 @@ def ragged_reference(tiny):
     prompts = prompts_of(lengths, model.cfg.vocab_size, seed=5)
     ids = [f"q{i}" for i in range(len(prompts))]
     limits = rng.randint(1, 21, size=len(prompts)).tolist()
-    sampling = S.SamplingConfig(temperature=1.0, top_k=30, top_p=0.95, max_new_tokens=20)
+    sampling = SamplingConfig(temperature=1.0, top_k=30, top_p=0.95, max_new_tokens=20)
     ref = stopping_sampler(tiny, 6).generate(prompts, sampling, n=3, ids=ids, seed=2,
                                              max_new_tokens=limits, static=True)
     return prompts, ids, limits, sampling, ref
@@ -290,8 +293,8 @@ def test_continuous_equals_static(tiny, ragged_reference, rows, refill_at):
     got = sampler.generate(prompts, sampling, n=3, ids=ids, seed=2, max_new_tokens=limits)
     assert same(got, ref)
     st = sampler.stats
-    assert st["tokens"] == sum(g.num_tokens for r in ref for g in r) and st["prefills"] >= 1
-    assert 0 < st["slot_utilization"] <= 1
+    assert st.tokens == sum(g.num_tokens for r in ref for g in r) and st.prefills >= 1
+    assert 0 < st.slot_utilization <= 1
 
 
 def test_continuous_order_and_company_do_not_matter(tiny, ragged_reference):
@@ -309,7 +312,7 @@ def test_continuous_greedy_and_n_above_slots(tiny):
     """Greedy, n=5 samples on 2 slots (one prompt entry refilled across waves): static tokens."""
     model, params = tiny
     prompts = prompts_of([4, 13, 9], model.cfg.vocab_size, seed=6)
-    for sampling, n in [(GREEDY, 1), (S.SamplingConfig(temperature=0.9, max_new_tokens=9), 5)]:
+    for sampling, n in [(GREEDY, 1), (SamplingConfig(temperature=0.9, max_new_tokens=9), 5)]:
         ref = stopping_sampler(tiny, 4).generate(prompts, sampling, n=n, seed=1, static=True)
         got = stopping_sampler(tiny, 2).generate(prompts, sampling, n=n, seed=1)
         assert same(got, ref)
@@ -331,12 +334,12 @@ def test_long_cache_decoding_matches_full_forward(tiny):
     """A cache past model.LONG_CACHE (scored in blocks): continuous logits still equal a full
     forward, through many refills, and match the static path's tokens."""
     model, params = tiny
-    new = M.LONG_CACHE + 20
+    new = A.LONG_CACHE + 20
     prompts = prompts_of([5, 12, 9], model.cfg.vocab_size, seed=7)
-    sampling = S.SamplingConfig(temperature=1.0, max_new_tokens=new)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=new)
     limits = [new, 37, new - 100]
     sampler = S.Sampler(model, params, rows=2, buckets=(16,), eos_id=None)
-    assert sampler.cache_length(new) % M.CACHE_BLOCK == 0
+    assert sampler.cache_length(new) % A.CACHE_BLOCK == 0
     res = sampler.generate(prompts, sampling, n=1, max_new_tokens=limits, return_logits=True)
     ref = sampler.generate(prompts, sampling, n=1, max_new_tokens=limits, static=True)
     assert same(res, ref)
@@ -352,7 +355,7 @@ def test_progress_counts_samples_as_they_finish(tiny):
     calls = []
     sampler = S.Sampler(model, params, rows=4, buckets=(16,), eos_id=None, refill_at=1)
     prompts = prompts_of([5, 6, 7, 8, 9, 10], model.cfg.vocab_size)
-    sampler.generate(prompts, S.SamplingConfig(max_new_tokens=12), n=2, progress=calls.append,
+    sampler.generate(prompts, SamplingConfig(max_new_tokens=12), n=2, progress=calls.append,
                      max_new_tokens=[2, 12, 3, 12, 4, 12])
     assert sum(calls) == 12 and len(calls) > 2
 

@@ -133,7 +133,7 @@ def test_same_records_as_static_batches(setup, monkeypatch):
     """Think runs continuous batching; forcing the static path gives the same records, with
     greedy and sampled settings and stop strings that end rows on device."""
     import dataclasses
-    from tpt_jax.stages import sampler as S
+    from tpt_jax.engine import Sampler
     model, params, questions = setup
     tok = ByteTokenizer()
     cfgs = [CFG, dataclasses.replace(CFG, n=3, temperature=0.0, batch_size=2, stop=["e", "7"]),
@@ -141,7 +141,7 @@ def test_same_records_as_static_batches(setup, monkeypatch):
     runs = lambda c: T.think(params, model, tok, questions, c, None, template="plain",
                              progress=False)
     cont = [runs(c) for c in cfgs]
-    real = S.Sampler.generate
-    monkeypatch.setattr(S.Sampler, "generate", lambda self, *a, **k: real(self, *a, **k, static=True))
+    real = Sampler.generate
+    monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k, static=True))
     assert [runs(c) for c in cfgs] == cont
     assert any(r["finish"] == "stop" for r in cont[1] + cont[2])

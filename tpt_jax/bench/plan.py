@@ -29,7 +29,6 @@ on this machine, no TPU needed (libtpu must be installed): then the temporaries 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -141,19 +140,6 @@ def tpu_devices(topology: str) -> tuple[list, str, float]:
     return list(devices), kind, TPU_HBM_GIB[kind] * chips / len(devices)
 
 
-@contextlib.contextmanager
-def _tpu_sampling_layout():
-    """Plan the sampling layout of an accelerator: on CPU the sampler keeps an extra
-    transposed copy of the embedding (`decode.transposed_unembed`), TPUs do not."""
-    from tpt_jax.stages import decode
-    saved = decode.transposed_unembed
-    decode.transposed_unembed = lambda: False
-    try:
-        yield
-    finally:
-        decode.transposed_unembed = saved
-
-
 # ----------------------------------------------------------------------------- programs
 
 
@@ -197,14 +183,15 @@ def plan_train(cfg: RunConfig, model, mesh) -> dict:
 def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     """Compile one Think batch: think.batch_size rows, the largest prompt bucket
     (max_prompt_tokens) and max_new_tokens, n samples per prompt sharing one prefill."""
-    import types
+    import functools
 
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
+    from tpt_jax.engine import cache as C, layout as L, programs as PR
+    from tpt_jax.engine.sampler import prompt_buckets
     from tpt_jax.gemma import model as M
-    from tpt_jax.stages import decode as D, sampler as S
     from tpt_jax.gemma.sharding import SAMPLE_RULES, TRAIN_RULES, logical_to_spec, use_rules
     from tpt_jax.stages.think import sampling_config
 
@@ -213,21 +200,21 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
     group = min(tk.n, tk.batch_size)
     prompts = tk.batch_size // group
     rows = prompts * group
-    bucket = S.prompt_buckets(tk.max_prompt_tokens)[-1]
-    length = M.cache_length(bucket + sampling.max_new_tokens)
+    bucket = prompt_buckets(tk.max_prompt_tokens)[-1]
+    length = C.cache_length(bucket + sampling.max_new_tokens)
 
     train_params = _with_sharding(M.abstract_params(model),
                                   M.param_shardings(model, mesh, TRAIN_RULES))
-    with _tpu_sampling_layout():  # the layout switch Think does first; its outputs' shardings
-        switch = jax.jit(lambda p: S.unstack_layers(p, model, mesh, SAMPLE_RULES))
-        lowered = switch.lower(train_params)
-        switch_compiled = lowered.compile()
+    # the layout switch Think does first, as on an accelerator (no transposed unembedding)
+    switch = jax.jit(functools.partial(L.split_layers, cfg=model.cfg, transpose=False),
+                     out_shardings=L.layout_shardings(model, mesh, SAMPLE_RULES, False))
+    lowered = switch.lower(train_params)
+    switch_compiled = lowered.compile()
     sp = _with_sharding(lowered.out_info, switch_compiled.output_shardings)
 
-    owner = types.SimpleNamespace(cfg=model.cfg, mesh=mesh, rules=SAMPLE_RULES)
     cache = _with_sharding(
-        jax.eval_shape(lambda: S.init_layer_cache(model.cfg, rows, length, model.dtype)),
-        S.Sampler._cache_shardings(owner, rows, length))
+        jax.eval_shape(lambda: C.init_cache(model.cfg, rows, length, model.dtype)),
+        C.cache_shardings(model.cfg, rows, length, mesh, SAMPLE_RULES))
 
     def arg(shape, dtype, logical):
         spec = logical_to_spec(logical, SAMPLE_RULES, mesh, shape)
@@ -238,8 +225,8 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
             arg((rows,), jnp.int32, ("act_batch",)), arg((rows,), jnp.int32, ("act_batch",)),
             arg((rows,), jnp.int32, ("act_batch",)))
     seed = jax.ShapeDtypeStruct((), jnp.int32)
-    prog = D.Program(sampling, group, (1,), (), 0)
-    fn = D.compiled(model.cfg, model.dtype, model.param_dtype)["generate"]
+    prog = PR.Program(sampling, group, (1,), (), 0)
+    fn = PR.compiled(model.cfg, model.dtype, model.param_dtype)["generate"]
     t0 = time.perf_counter()
     with use_rules(mesh, SAMPLE_RULES):
         compiled = fn.lower(sp, cache, *args, seed, prog=prog).compile()
@@ -415,7 +402,7 @@ def _argv(args) -> list[str]:
 
 def _cli(args) -> int:
     from tpt_jax.config import load_run_config
-    from tpt_jax.stages.sampler import parse_mesh
+    from tpt_jax.gemma.sharding import parse_mesh
 
     if args.devices is None and not args.tpu:
         raise ConfigError("give --devices N (CPU devices) or --tpu TOPOLOGY")

@@ -25,7 +25,9 @@ from tpt_jax import io
 from tpt_jax.config import ConfigError, TptError
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES
-from tpt_jax.stages.sampler import TRACE_COUNT, Sampler, SamplingConfig, parse_mesh
+from tpt_jax.engine import Sampler, SamplingConfig
+from tpt_jax.engine.cache import cache_bytes
+from tpt_jax.engine.programs import TRACE_COUNT
 
 
 def add_bench_cli(parser) -> None:
@@ -66,19 +68,16 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
     """Device bytes of the KV cache (keys, values, slot positions) the path keeps: the decode
     cache + the prompt store (continuous), the decode cache + the prefill cache inside the
     program (static: one entry per prompt of a batch)."""
-    total = 0
-    for _, buf in sampler._bufs.values():
-        total += sum(x.nbytes for x in jax.tree.leaves((buf.k, buf.v, buf.pos)))
+    total = sampler.device.kv_bytes()
     if static:
-        c, lb = sampler.cfg, sampler.buckets[-1]
-        total += batch_prompts * lb * (4 + 2 * c.num_layers * c.num_kv_heads * c.head_dim
-                                       * np.dtype(sampler.cache_dtype).itemsize)
+        total += cache_bytes(sampler.model.cfg, batch_prompts, sampler.buckets[-1],
+                             sampler.model.dtype)
     return total
 
 
 def _bench(args) -> int:
     from tpt_jax.gemma.config import model_preset
-    from tpt_jax.gemma.sharding import make_mesh
+    from tpt_jax.gemma.sharding import make_mesh, parse_mesh
     for name in ("batch", "n", "prompt", "new", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1")
@@ -119,11 +118,11 @@ def _bench(args) -> int:
         assert n_tok == sum(lengths), (n_tok, sum(lengths))
         print(json.dumps({
             **info, "workload": "ragged", "rows": len(lengths), "max_new": new,
-            "useful_tokens": n_tok, "decode_steps": s["decode_steps"],
-            "slot_utilization": s["slot_utilization"], "wall_s": round(wall, 3),
+            "useful_tokens": n_tok, "decode_steps": s.decode_steps,
+            "slot_utilization": s.slot_utilization, "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3), "useful_tokens_per_s": round(n_tok / wall, 1),
-            "step_ms": round(1e3 * wall / max(s["decode_steps"], 1), 2),
-            "host_checks": s["host_checks"], "prefills": s["prefills"],
+            "step_ms": round(1e3 * wall / max(s.decode_steps, 1), 2),
+            "host_checks": s.host_checks, "prefills": s.prefills,
             "warm_up_s": round(compile_s, 1), "compiles": sum(TRACE_COUNT.values()) - before,
             "kv_cache_mib": round(kv_bytes(sampler, args.static, rows) / 2 ** 20, 1)}))
         return 0
@@ -140,6 +139,6 @@ def _bench(args) -> int:
         "new": args.new, "generated_tokens": n_tok, "first_call_s": round(first, 3),
         "best_s": round(best, 3), "median_s": round(float(np.median(times)), 3),
         "cpu_s": round(min(cpu), 3), "tokens_per_s": round(n_tok / best, 1),
-        "slot_utilization": sampler.stats["slot_utilization"],
+        "slot_utilization": sampler.stats.slot_utilization,
         "compiles": sum(TRACE_COUNT.values())}))
     return 0

@@ -138,3 +138,12 @@ def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(logical, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """`--mesh data,fsdp,tensor` of the commands that take one."""
+    try:
+        d, f, t = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--mesh must be three integers data,fsdp,tensor, got {text!r}") from None
+    return MeshConfig(data=d, fsdp=f, tensor=t)

@@ -46,9 +46,11 @@ def self_name(s: Setup, r: int) -> str:
 def synthesize(s: Setup, rd: RunDir, rc, r: int, params: Artifact) -> list[dict]:
     """New problems written by the model and labelled by majority vote (JiuZhang3.0)."""
     seeds = synth.seed_texts(rc.synthesize, s.train_questions)
-    recs, stats = synth.synthesize(params.get(), s.model, s.tokenizer, seeds, rc.synthesize,
+    weights = params.get()
+    recs, stats = synth.synthesize(weights, s.model, s.tokenizer, seeds, rc.synthesize,
                                    rc.think, s.mesh, template=rc.prompt, shots=s.shots,
-                                   round_=r, source=self_name(s, r))
+                                   round_=r, source=self_name(s, r),
+                                   sampler=s.samplers.get(s.model, weights, rc.think))
     if rd.primary:
         io.write_jsonl_atomic(rd.path(tag(r), "synthetic.jsonl"), recs)
         io.write_json_atomic(rd.path(tag(r), "synthesize_stats.json"), stats)
@@ -66,9 +68,11 @@ def load_questions(s: Setup, rd: RunDir, r: int) -> list[dict]:
 def think_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: Artifact) -> None:
     """n traces per question from the model itself, and from every other source model."""
     if rc.sources.self:
-        think.think(params.get(), s.model, s.tokenizer, questions.get(), rc.think,
+        weights = params.get()
+        think.think(weights, s.model, s.tokenizer, questions.get(), rc.think,
                     rd.path(tag(r), "samples"), s.mesh, template=rc.prompt, shots=s.shots,
-                    source=self_name(s, r), progress=s.progress)
+                    source=self_name(s, r), progress=s.progress,
+                    sampler=s.samplers.get(s.model, weights, rc.think))
     multimodel.think_sources(rc, s, questions.get(), rd.path(tag(r), "sources"), r)
 
 
@@ -161,10 +165,12 @@ def load_trained(s: Setup, rd: RunDir, rc, r: int, start: Artifact, tracker: Tra
 
 def eval_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact) -> None:
     """Greedy Pass@1 and sampled pass@k / maj@k of round r's model on the eval split."""
-    result = evaluate.evaluate(params.get(), s.model, s.tokenizer, s.eval_questions, rc.eval,
+    weights = params.get()
+    result = evaluate.evaluate(weights, s.model, s.tokenizer, s.eval_questions, rc.eval,
                                s.mesh, template=rc.prompt, shots=s.shots, seed=s.cfg.seed,
                                think_cfg=rc.think, out_dir=rd.path(tag(r), "eval"),
-                               progress=s.progress)
+                               progress=s.progress,
+                               sampler=s.samplers.get(s.model, weights, rc.think))
     if rd.primary:
         io.write_json_atomic(rd.path(tag(r), "eval.json"), result)
 

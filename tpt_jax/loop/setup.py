@@ -21,6 +21,7 @@ from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
 from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
 from tpt_jax.stages import prompts
+from tpt_jax.stages.think import Samplers
 from tpt_jax.stages.train import check_batch
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Setup:
     eval_questions: list
     shots: list
     progress: bool = True  # progress bars (also off when stderr is not a terminal)
+    samplers: Any = None  # the run's samplers (think.Samplers), made with the Setup
 
 
 def setup(cfg: RunConfig, progress: bool = True) -> Setup:
@@ -56,7 +58,8 @@ def setup(cfg: RunConfig, progress: bool = True) -> Setup:
         eval_q = eval_q[: cfg.eval.limit]
     load_seed(cfg.data)  # seed solutions (round 0's training data) are read and checked now
     shots = prompts.pick_shots(train_q, prompts.num_shots(cfg.prompt))
-    s = Setup(cfg, mesh, model, tokenizer, train_q, eval_q, shots, progress)
+    s = Setup(cfg, mesh, model, tokenizer, train_q, eval_q, shots, progress,
+              Samplers(tokenizer, mesh))
     for line in report.describe_start(s).splitlines():
         log.info("%s", line)
     return s

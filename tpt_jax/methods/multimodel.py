@@ -111,7 +111,10 @@ def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -
         tcfg = source_think_config(rc, counts[src.name], r)
         think.think(params, model, s.tokenizer, questions, tcfg,
                     os.path.join(samples_root, src.name), s.mesh, template=rc.prompt,
-                    shots=s.shots, source=src.name)
+                    shots=s.shots, source=src.name,
+                    sampler=s.samplers.get(model, params, tcfg))
+        if model.cfg != s.model.cfg:  # another shape: its weights and caches go now
+            s.samplers.release(model)
         del params
     return counts
 

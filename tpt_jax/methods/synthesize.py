@@ -133,9 +133,10 @@ def pick_seeds(seeds: Sequence[dict], k: int, seed: int, round_: int) -> list[di
 def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: SynthesizeConfig,
                think_cfg: ThinkConfig, mesh=None, *, template: str = "zero-shot",
                shots: Optional[Sequence[dict]] = None, round_: int = 0,
-               source: str = "model") -> tuple[list[dict], dict]:
+               source: str = "model", sampler=None) -> tuple[list[dict], dict]:
     """New labelled problems {id, question, answer, synthetic, stage, seed_id, agreement,
-    votes, n_votes} and stats (written problems, empty ones, votes by status)."""
+    votes, n_votes} and stats (written problems, empty ones, votes by status). `sampler`
+    (think.batch_size slots) is reused when given, else one is made."""
     from tpt_jax.stages import think
 
     chosen = pick_seeds(seeds, cfg.per_round, cfg.seed, round_)
@@ -144,7 +145,9 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
     ids = [f"{ID_PREFIX}-r{round_:02d}-{i:05d}" for i in range(len(chosen))]
     write_cfg = dataclasses.replace(think_cfg, n=1, temperature=cfg.temperature,
                                     max_new_tokens=cfg.max_new_tokens, stop=[])
-    sampler = think.make_sampler(params, model, tokenizer, write_cfg, mesh, SYNTH_STOPS)
+    if sampler is None:
+        sampler = think.make_sampler(model, tokenizer, write_cfg, mesh)
+    sampler.update_params(params)
     outs = think.complete(sampler, tokenizer, texts, ids, think.sampling_config(write_cfg), 1,
                           cfg.seed + 1000 * round_, SYNTH_STOPS) if texts else []
     problems, empty = [], 0
@@ -157,8 +160,8 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
                          "seed_id": s["id"]})
     vote_cfg = dataclasses.replace(think_cfg, n=cfg.n_votes, seed=cfg.seed + 1000 * round_ + 1)
     samples = think.think(params, model, tokenizer, problems, vote_cfg, None, mesh,
-                          template=template, shots=shots, source=source,
-                          progress=False) if problems else []
+                          template=template, shots=shots, source=source, progress=False,
+                          sampler=sampler) if problems else []
     labelled, vote_stats = label_by_vote(problems, samples, cfg.threshold)
     stats = {"seeds": len(chosen), "written": len(problems), "empty": empty,
              "stages": dict(Counter(stages)), "n_votes": cfg.n_votes,

@@ -59,15 +59,16 @@ def summarize(questions: Sequence[dict], greedy: Optional[Sequence[dict]],
 def evaluate(params: Any, model, tokenizer, questions: Sequence[dict], cfg: EvalConfig,
              mesh=None, *, template: str, shots: Optional[Sequence[dict]] = None, seed: int = 0,
              think_cfg: Optional[ThinkConfig] = None, out_dir: Optional[str] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, sampler=None) -> dict:
     """Greedy Pass@1 (if cfg.greedy) and pass@k from cfg.n samples at cfg.temperature.
-    With `out_dir`, samples are kept in out_dir/greedy and out_dir/sampled (resumable)."""
+    With `out_dir`, samples are kept in out_dir/greedy and out_dir/sampled (resumable).
+    `sampler` (think.batch_size slots) is reused when given, else one is made."""
     base = think_cfg or ThinkConfig()
     common = dict(top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed)
     greedy_cfg = dataclasses.replace(base, n=1, temperature=0.0, **common)
     sampled_cfg = dataclasses.replace(base, n=max(cfg.n, 1), temperature=cfg.temperature, **common)
-    sampler = think.make_sampler(params, model, tokenizer, greedy_cfg, mesh,
-                                 think.stop_strings(greedy_cfg, template))
+    if sampler is None:
+        sampler = think.make_sampler(model, tokenizer, greedy_cfg, mesh)
     where = lambda name: None if out_dir is None else f"{out_dir}/{name}"
     run = lambda c, name: think.think(params, model, tokenizer, questions, c, where(name), mesh,
                                       template=template, shots=shots, source="eval",

@@ -22,7 +22,7 @@ from tpt_jax import faults
 from tpt_jax import io as tio
 from tpt_jax.stages import prompts as P
 from tpt_jax.config import ConfigError, ThinkConfig, TptError
-from tpt_jax.stages.sampler import Sampler, SamplingConfig
+from tpt_jax.engine import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,46 @@ def stop_strings(cfg: ThinkConfig, template: str) -> list[str]:
     return out
 
 
-def make_sampler(params: Any, model, tokenizer, cfg: ThinkConfig, mesh=None,
-                 stops: Sequence[str] = ()) -> Sampler:
+def make_sampler(model, tokenizer, cfg: ThinkConfig, mesh=None, params: Any = None) -> Sampler:
     """A sampler for `tokenizer`'s EOS/pad ids with think.batch_size decode slots (continuous
-    batching: a finished row's slot takes the next sample at once); each stop string also
-    stops rows on device (as its token sequence). Reuse one sampler for several calls to keep
-    its compiled programs and buffers."""
+    batching: a finished row's slot takes the next sample at once). Reuse one sampler for
+    several calls (`Samplers`) to keep its compiled programs and buffers."""
     if cfg.max_prompt_tokens < 1:
         raise ConfigError(f"think.max_prompt_tokens must be >= 1, got {cfg.max_prompt_tokens}")
-    stop_tokens = [tokenizer.encode(s) for s in stops]
-    return Sampler(model, params, mesh, rows=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                   stop_tokens=[t for t in stop_tokens if t])
+    return Sampler(model, params, mesh, rows=cfg.batch_size,
+                   max_prompt_tokens=cfg.max_prompt_tokens, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id)
+
+
+class Samplers:
+    """The samplers of a run, one per model shape and slot setting: Think, Eval, synthesis and
+    other-model sources of every round sample through them, so programs are compiled and
+    buffers allocated once, and weights are copied into the sampling layout only when they
+    change (`Sampler.update_params`)."""
+
+    def __init__(self, tokenizer, mesh=None):
+        self.tokenizer, self.mesh = tokenizer, mesh
+        self._held: dict = {}
+
+    def get(self, model, params: Any, cfg: ThinkConfig) -> Sampler:
+        """The sampler for `model` with think.batch_size slots, holding `params`."""
+        key = (model.cfg, model.dtype, model.param_dtype, cfg.batch_size, cfg.max_prompt_tokens)
+        if key not in self._held:
+            self._held[key] = make_sampler(model, self.tokenizer, cfg, self.mesh)
+        sampler = self._held[key]
+        sampler.update_params(params)
+        return sampler
+
+    def release(self, model) -> None:
+        """Free the samplers of `model` (its weights and caches), e.g. a source model whose
+        Think is over; compiled programs stay cached."""
+        for key in [k for k in self._held if k[:3] == (model.cfg, model.dtype,
+                                                       model.param_dtype)]:
+            del self._held[key]
+
+    @property
+    def layout_copies(self) -> int:
+        return sum(s.layout_copies for s in self._held.values())
 
 
 def fit_prompts(encoded: Sequence[list[int]], max_prompt_tokens: int, policy: str,
@@ -92,7 +120,9 @@ def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequ
     `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts."""
     if encoded is None:
         encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
-    gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress)
+    stop_tokens = [t for t in (tokenizer.encode(s) for s in stops) if t]
+    gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress,
+                            stop_tokens=stop_tokens)
     out = []
     for per_prompt in gens:
         row = []
@@ -169,8 +199,8 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     {id, sample, source, prompt, completion, finish, tokens}, in question then sample order.
 
     With `out_dir`, records go to JSONL shards of cfg.shard_size questions and existing shards
-    are reused (resume). `sampler` may be passed to reuse compiled programs across calls; it
-    must have been made by `make_sampler` with the same stops."""
+    are reused (resume). `sampler` (from `make_sampler` or `Samplers`, for this model and
+    think.batch_size) keeps compiled programs and buffers across calls; it is given `params`."""
     from tqdm.auto import tqdm
 
     sampling = sampling_config(cfg)
@@ -203,8 +233,10 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
         _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops), long_info)
         _remove_partial_shards(out_dir)
         done = _done_shards(out_dir, len(shards))
-    if sampler is None and any(shard and not d for shard, d in zip(shards, done)):
-        sampler = make_sampler(params, model, tokenizer, cfg, mesh, stops)
+    if any(shard and not d for shard, d in zip(shards, done)):
+        if sampler is None:
+            sampler = make_sampler(model, tokenizer, cfg, mesh)
+        sampler.update_params(params)
 
     total = sum(len(s) for s in shards) * cfg.n
     initial = sum(len(s) for s, d in zip(shards, done) if d) * cfg.n
@@ -225,8 +257,8 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                             stops, progress=bar.update,
                             encoded=[encoded[i] for i in shard]) if shard else []
             if shard:
-                used += sampler.stats["tokens"]
-                offered += sampler.stats["slots"] * sampler.stats["decode_steps"]
+                used += sampler.stats.tokens
+                offered += sampler.stats.slots * sampler.stats.decode_steps
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
@@ -311,8 +343,7 @@ def _load_model(args, mesh):
 
 
 def _cli(args) -> int:
-    from tpt_jax.stages.sampler import parse_mesh
-    from tpt_jax.gemma.sharding import make_mesh
+    from tpt_jax.gemma.sharding import make_mesh, parse_mesh
     from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
 
     tio.check_writable_dir(args.out, "--out")

@@ -1,7 +1,6 @@
-"""Think's device programs: the sampling layout, the KV cache, and the compiled programs that
-`sampler.Sampler` drives.
+"""The sampler's compiled device programs (`device.Device` drives them).
 
-Continuous batching (what `Sampler.generate` runs) keeps a fixed set of decode slots:
+Continuous batching keeps a fixed set of decode slots:
 
 - `prefill`: a batch of waiting prompts (left-padded to one bucket) runs through the model once
   into a prompt-sized cache, and its keys/values and last-position logits go to entries of the
@@ -14,46 +13,32 @@ Continuous batching (what `Sampler.generate` runs) keeps a fixed set of decode s
   `min_exit` slots have finished (so the host can refill them), when all are done, or after
   `max_steps`.
 
-A row's token i is drawn with key fold_in(row key, i), row key = fold_in(fold_in(key(seed),
-hash(question id)), sample index), whatever slot it runs in and whenever it starts. `generate`
-(the static path, the reference in tests and `tpt bench sample --static`) runs a batch of rows
-from one prefill to the end of its longest row, with the same keys, cache layout and length.
+`generate` (the static path, the reference in tests and `tpt bench sample --static`) runs a
+batch of rows from one prefill to the end of its longest row, with the same keys, cache layout
+and length. Randomness is per row (`sampling.row_keys`).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
-import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpt_jax.config import validate_sampling
+from tpt_jax.engine.cache import (SlotCache, Store, constrain_cache, constrain_store,
+                                  init_cache)
+from tpt_jax.engine.layout import forward_layers, logits_of
+from tpt_jax.engine.sampling import SamplingConfig, row_keys, sample_logits, step_keys
 from tpt_jax.gemma import model as M
-from tpt_jax.gemma.sharding import SAMPLE_RULES, constrain
+from tpt_jax.gemma.sharding import constrain
 
 Array = jax.Array
 
 # Incremented in the Python body of each jitted program: counts traces (= compilations).
 TRACE_COUNT: collections.Counter = collections.Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How tokens are drawn. temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-
-    def validate(self) -> "SamplingConfig":
-        validate_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
-        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,148 +53,9 @@ class Program:
     record_logits: bool = False  # also return every step's logits (tests)
 
 
-def row_keys(seed: Array, id_hashes: Array, samples: Array) -> Array:
-    """Per-row PRNG keys from (seed, question id hash, sample index)."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda h, s: jax.random.fold_in(jax.random.fold_in(base, h), s))(
-        id_hashes, samples)
-
-
-def step_keys(keys: Array, steps: Array) -> Array:
-    """The key of each row's token `steps` (a scalar or one step per row)."""
-    return jax.vmap(jax.random.fold_in, (0, 0 if jnp.ndim(steps) else None))(keys, steps)
-
-
-def sample_logits(logits: Array, keys: Array, cfg: SamplingConfig) -> Array:
-    """Draw one token per row from logits [R, V] with per-row keys [R].
-
-    Temperature first, then top-k, then top-p (the smallest set of most likely tokens whose mass
-    reaches top_p; the first token is always kept), as in HF `generate`. Top-k uses `lax.top_k`,
-    so a 256k vocabulary is never fully sorted unless top-p alone is asked for."""
-    if cfg.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / cfg.temperature
-    vocab = logits.shape[-1]
-    k = cfg.top_k if 0 < cfg.top_k < vocab else 0
-    if k == 0 and cfg.top_p < 1:
-        k = vocab
-    draw = jax.vmap(jax.random.categorical)
-    if k == 0:
-        return draw(keys, logits).astype(jnp.int32)
-    vals, idx = jax.lax.top_k(logits, k)  # sorted, largest first
-    if cfg.top_p < 1:
-        probs = jax.nn.softmax(vals, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        vals = jnp.where(before < cfg.top_p, vals, -jnp.inf)
-    choice = draw(keys, vals)
-    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------- layout, cache
-
-
-@flax.struct.dataclass
-class LayerCache:
-    """The sampler's KV cache: one [B, K, S, H] array per layer (no per-step slicing of a
-    stacked cache) and the slot positions [B, S] (-1 = empty)."""
-
-    k: tuple
-    v: tuple
-    pos: Array
-
-
-def init_layer_cache(cfg, rows: int, length: int, dtype: Any = jnp.float32) -> LayerCache:
-    shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return LayerCache(k=zeros(), v=zeros(), pos=jnp.full((rows, length), -1, jnp.int32))
-
-
-CACHE_AXES = M.CACHE_AXES[1:]  # one layer
-
-
-def constrain_cache(c: LayerCache) -> LayerCache:
-    return LayerCache(k=tuple(constrain(x, CACHE_AXES) for x in c.k),
-                      v=tuple(constrain(x, CACHE_AXES) for x in c.v),
-                      pos=constrain(c.pos, M.CACHE_POS_AXES))
-
-
-def transposed_unembed() -> bool:
-    """On CPU, x @ E.T streams the [V, D] embedding far slower than x @ E' with E' = E.T
-    stored [D, V] (measured 2.3x for the small shape), so the sampling layout keeps a
-    transposed copy there. Accelerators contract either layout at full speed: no copy."""
-    return jax.default_backend() == "cpu"
-
-
-def unstack_layers(params: Any, model: M.Gemma2, mesh=None, rules=SAMPLE_RULES) -> dict:
-    """Training layout (layers stacked for `lax.scan`) -> sampling layout: one param tree per
-    layer, placed with the sampling shardings. The decode step then reads each weight in place;
-    slicing a stacked weight inside the loop would copy every weight on every step."""
-    pairs = model.cfg.num_layers // 2
-    names = ("local", "global")  # layer 2p is local (sliding), 2p + 1 global
-    transpose = transposed_unembed()
-
-    def split(p):
-        blocks = [jax.tree.map(lambda x: x[i], p["layers"][name])
-                  for i in range(pairs) for name in names]
-        out = {"embedding": p["embedding"], "final_norm": p["final_norm"], "blocks": blocks}
-        if transpose:
-            out["unembed"] = p["embedding"].T
-        return out
-
-    if mesh is None:
-        return jax.jit(split)(params)
-    sh = M.param_shardings(model, mesh, rules)
-    drop = lambda s: NamedSharding(mesh, P(*tuple(s.spec)[1:]))
-    out = {"embedding": sh["embedding"], "final_norm": sh["final_norm"],
-           "blocks": [jax.tree.map(drop, sh["layers"][name]) for _ in range(pairs) for name in names]}
-    if transpose:
-        spec = tuple(sh["embedding"].spec) + (None,) * (2 - len(sh["embedding"].spec))
-        out["unembed"] = NamedSharding(mesh, P(spec[1], spec[0]))
-    return jax.jit(split, out_shardings=out)(params)
-
-
-def logits_of(sp: dict, hidden: Array, cfg) -> Array:
-    """Final logits (f32, soft-capped) from the sampling layout."""
-    if "unembed" not in sp:
-        return M.logits_from_hidden(sp["embedding"], hidden, cfg)
-    logits = jnp.einsum("...d,dv->...v", hidden, sp["unembed"].astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
-    return M.softcap(logits, cfg.final_logit_softcap)
-
-
-def _row_write(x: Array, new: Array, index: Array) -> Array:
-    """x [B, S, ...] with new [B, T, ...] written at column index[b] of each row b."""
-    write = lambda x, n, i: jax.lax.dynamic_update_slice_in_dim(x, n, i, axis=0)
-    return jax.vmap(write)(x, new, index)
-
-
-def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
-                   cache: LayerCache, index: Array) -> tuple[Array, LayerCache]:
-    """Gemma2 over the sampling layout: the model's own blocks, one call per layer (unrolled),
-    writing the T new keys at cache column `index` (a scalar, or one column per row).
-    Returns the final hidden [B, T, D]."""
-    cfg, dt = model.cfg, model.dtype
-    x = jnp.take(sp["embedding"], tokens, axis=0).astype(dt)
-    x = constrain(x * jnp.asarray(math.sqrt(cfg.embed_dim), dt), ("act_batch", "act_length", "act_embed"))
-    positions = positions.astype(jnp.int32)
-    if jnp.ndim(index):
-        key_pos = _row_write(cache.pos, positions, index)
-    else:
-        key_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, index))
-    ks, vs = [], []
-    for layer, bp in enumerate(sp["blocks"]):
-        block = M.Block(cfg, layer % 2 == 0, dt, model.param_dtype)
-        kv = (cache.k[layer], cache.v[layer], key_pos)  # no layer axis: updated in place
-        x, (k, v, _) = block.apply({"params": bp}, x, positions, None, kv, 0, index)
-        ks.append(k)
-        vs.append(v)
-    x = M.RMSNorm(cfg.rms_norm_eps, model.param_dtype).apply({"params": sp["final_norm"]}, x)
-    return x, LayerCache(k=tuple(ks), v=tuple(vs), pos=key_pos)
-
-
 def _prefill_cache(model, sp, tokens, positions, dtype):
     """Prefill prompts [P, Lb] into a prompt-sized cache -> (cache, last-position logits)."""
-    small = constrain_cache(init_layer_cache(model.cfg, tokens.shape[0], tokens.shape[1], dtype))
+    small = constrain_cache(init_cache(model.cfg, tokens.shape[0], tokens.shape[1], dtype))
     hidden, small = forward_layers(model, sp, tokens, positions, small, jnp.int32(0))
     return small, logits_of(sp, hidden[:, -1], model.cfg)
 
@@ -249,7 +95,7 @@ def _stop_hit(out: Array, step: Array, tok: Array, prog: Program) -> Array:
     return hit
 
 
-def generate(model: M.Gemma2, sp: dict, cache: LayerCache, tokens: Array, positions: Array,
+def generate(model: M.Gemma2, sp: dict, cache: SlotCache, tokens: Array, positions: Array,
              id_hashes: Array, samples: Array, limits: Array, seed: Array, prog: Program):
     """The static program: prefill P prompts, expand to P*g rows, decode until every row is done.
 
@@ -268,7 +114,7 @@ def generate(model: M.Gemma2, sp: dict, cache: LayerCache, tokens: Array, positi
     # 2. share it: g rows per prompt, written into the donated decode cache in place
     rep = lambda x, axis: jnp.repeat(x, g, axis=axis) if g > 1 else x
     put = lambda big, x: jax.lax.dynamic_update_slice(big, rep(x, 0), (0,) * big.ndim)
-    cache = constrain_cache(LayerCache(
+    cache = constrain_cache(SlotCache(
         k=tuple(put(b, x) for b, x in zip(cache.k, small.k)),
         v=tuple(put(b, x) for b, x in zip(cache.v, small.v)),
         pos=jnp.full(cache.pos.shape, -1, jnp.int32).at[:, :lb].set(rep(small.pos, 0))))
@@ -318,20 +164,6 @@ def generate(model: M.Gemma2, sp: dict, cache: LayerCache, tokens: Array, positi
 
 
 @flax.struct.dataclass
-class Store:
-    """Prefilled prompts waiting for (more of) their samples to start: keys/values [E, K, Lp, H]
-    per layer (left-padded to their bucket, columns past it empty), positions [E, Lp], the
-    logits of the last prompt position [E, V], the bucket and the prompt length [E]."""
-
-    k: tuple
-    v: tuple
-    pos: Array
-    logits: Array
-    start: Array
-    pos0: Array
-
-
-@flax.struct.dataclass
 class Slots:
     """Per decode slot: the last drawn token (fed next), tokens drawn so far (`step`), first
     generated column (= the prompt's bucket) and position (= prompt length), token limit, the
@@ -352,13 +184,6 @@ class Slots:
     seen: Optional[Array]
 
 
-def init_store(cfg, entries: int, length: int, dtype) -> Store:
-    c = init_layer_cache(cfg, entries, length, dtype)
-    z = jnp.zeros((entries,), jnp.int32)
-    return _constrain_store(Store(k=c.k, v=c.v, pos=c.pos, start=z, pos0=z,
-                                  logits=jnp.zeros((entries, cfg.vocab_size), jnp.float32)))
-
-
 def init_slots(cfg, rows: int, prog: Program) -> Slots:
     z = jnp.zeros((rows,), jnp.int32)
     m = prog.sampling.max_new_tokens
@@ -375,13 +200,6 @@ def _constrain_slots(s: Slots) -> Slots:
     return jax.tree.map(row, s)
 
 
-def _constrain_store(s: Store) -> Store:
-    c = constrain_cache(LayerCache(k=s.k, v=s.v, pos=s.pos))
-    row = lambda x: constrain(x, ("cache_batch",) + (None,) * (x.ndim - 1))
-    return Store(k=c.k, v=c.v, pos=c.pos, logits=row(s.logits), start=row(s.start),
-                 pos0=row(s.pos0))
-
-
 def prefill(model: M.Gemma2, sp: dict, store: Store, tokens: Array, positions: Array,
             src: Array) -> Store:
     """Prefill prompts [P, Lb] into the (donated) store: entry e takes prompt src[e] (-1: kept)."""
@@ -396,7 +214,7 @@ def prefill(model: M.Gemma2, sp: dict, store: Store, tokens: Array, positions: A
 
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, store.k[0].shape[2] - lb), (0, 0)))
     pos = jnp.pad(small.pos, ((0, 0), (0, store.pos.shape[1] - lb)), constant_values=-1)
-    return _constrain_store(Store(
+    return constrain_store(Store(
         k=tuple(pick(o, pad(n)) for o, n in zip(store.k, small.k)),
         v=tuple(pick(o, pad(n)) for o, n in zip(store.v, small.v)),
         pos=pick(store.pos, pos), logits=pick(store.logits, last),
@@ -404,7 +222,7 @@ def prefill(model: M.Gemma2, sp: dict, store: Store, tokens: Array, positions: A
         pos0=pick(store.pos0, jnp.max(positions, axis=1) + 1)))
 
 
-def insert(model: M.Gemma2, cache: LayerCache, slots: Slots, store: Store, entry: Array,
+def insert(model: M.Gemma2, cache: SlotCache, slots: Slots, store: Store, entry: Array,
            hashes: Array, samples: Array, limits: Array, seed: Array, prog: Program):
     """Start new rows in the (donated) decode cache and slots: slot r takes store entry
     entry[r] (-1: slot untouched) as sample (hashes[r], samples[r]) with token limit limits[r],
@@ -415,7 +233,7 @@ def insert(model: M.Gemma2, cache: LayerCache, slots: Slots, store: Store, entry
     sel = lambda old, x: jnp.where(new.reshape((-1,) + (1,) * (old.ndim - 1)), x, old)
     prefix = lambda c, s: jax.lax.dynamic_update_slice(c, sel(c[:, :, :lp], s[take]), (0,) * 4)
     pos = jnp.pad(store.pos[take], ((0, 0), (0, cache.pos.shape[1] - lp)), constant_values=-1)
-    cache = constrain_cache(LayerCache(k=tuple(prefix(c, s) for c, s in zip(cache.k, store.k)),
+    cache = constrain_cache(SlotCache(k=tuple(prefix(c, s) for c, s in zip(cache.k, store.k)),
                                        v=tuple(prefix(c, s) for c, s in zip(cache.v, store.v)),
                                        pos=sel(cache.pos, pos)))
     first = store.logits[take]
@@ -435,7 +253,7 @@ def insert(model: M.Gemma2, cache: LayerCache, slots: Slots, store: Store, entry
     return cache, _constrain_slots(slots)
 
 
-def chunk(model: M.Gemma2, sp: dict, cache: LayerCache, slots: Slots, seed: Array,
+def chunk(model: M.Gemma2, sp: dict, cache: SlotCache, slots: Slots, seed: Array,
           max_steps: Array, min_exit: Array, prog: Program):
     """Decode every live slot, one token a step, until `min_exit` slots have finished, all are
     done, or `max_steps` steps. Returns (cache, slots, steps run, replicated (done, tokens

@@ -1,0 +1,108 @@
+"""What the host scheduler and the device side say to each other: plain, typed values.
+
+The scheduler (`scheduler.Scheduler`) decides which request each decode slot holds and when to
+prefill, insert and decode; the device side (`device.Device`, or a fake in the tests) owns the
+weights, caches and compiled programs and implements `SlotDevice`. Nothing else passes
+between them, so a paged cache or a kernel changes the device side alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt of a generate call: its ids (already cut to `bucket`), the prompt bucket it
+    is compiled for, the hash of its question id (its randomness) and its token limit."""
+
+    tokens: tuple
+    bucket: int
+    id_hash: int
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Sample `sample` of prompt `prompt` (an index into the call's prompts)."""
+
+    prompt: int
+    sample: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Slot `slot` starts `request` from prompt-store entry `entry`."""
+
+    slot: int
+    entry: int
+    request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What the host reads after a chunk of decode steps (every array has one row per slot):
+    steps run, which slots are done, tokens drawn so far (EOS included), which stopped (EOS or
+    a stop sequence, not the limit), the drawn ids [slots, max_new] and, for tests, every
+    step's logits [slots, max_new, V]."""
+
+    steps: int
+    done: np.ndarray
+    drawn: np.ndarray
+    stopped: np.ndarray
+    tokens: np.ndarray
+    logits: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """One finished sample: the ids drawn (EOS included) and whether it stopped on its own."""
+
+    request: Request
+    tokens: np.ndarray
+    stopped: bool
+    logits: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass
+class Stats:
+    """One generate call: decode slots, decode steps (each steps every slot), tokens drawn,
+    prefill calls and host checks (a round trip each)."""
+
+    slots: int
+    static: bool = False
+    decode_steps: int = 0
+    tokens: int = 0
+    prefills: int = 0
+    host_checks: int = 0
+
+    @property
+    def slot_utilization(self) -> float:
+        """The share of slot-steps that drew a token."""
+        return round(self.tokens / max(self.slots * self.decode_steps, 1), 4)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "slot_utilization": self.slot_utilization}
+
+
+class SlotDevice(Protocol):
+    """The device side of continuous batching, as the scheduler sees it."""
+
+    slots: int  # decode slots
+    entries: int  # prompt-store entries
+    prefill_sizes: tuple  # prompt counts a prefill is compiled for, ascending (last = entries)
+
+    def prefill(self, batch: list[tuple[int, Prompt]]) -> None:
+        """Prefill prompts of one bucket into their store entries: (entry, prompt) pairs."""
+
+    def insert(self, starts: list[Start], prompts: list[Prompt]) -> None:
+        """Start requests in free slots from their prompts' entries (draws their first token)."""
+
+    def decode(self, min_exit: int) -> Any:
+        """Dispatch decode steps until `min_exit` slots have finished (or all are done, or a
+        step cap); returns a handle for `read`, so the host can work while it runs."""
+
+    def read(self, handle: Any) -> Chunk:
+        """Wait for a dispatched chunk and read it back."""

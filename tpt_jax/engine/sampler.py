@@ -1,0 +1,211 @@
+"""The engine's front door: `Sampler.generate` draws n samples per prompt over a fixed set of
+decode slots, and `Sampler.update_params` swaps the weights in, so one sampler (its compiled
+programs, caches and sampling-layout buffers) serves a whole run.
+
+Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
+slot whose row ends takes the next waiting sample at once) and drives the device side
+(`device.Device`) through the narrow contract of `contract.py`. `static=True` runs static
+batches instead (`static.py`), the reference the tests compare against. A sample's tokens
+depend only on (seed, question id, sample index), never on its slot, when it started or what
+else ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+
+from tpt_jax.config import ConfigError
+from tpt_jax.engine import programs as PR
+from tpt_jax.engine.contract import Finished, Prompt, Stats
+from tpt_jax.engine.device import Device
+from tpt_jax.engine.sampling import SamplingConfig
+from tpt_jax.engine.scheduler import Scheduler
+from tpt_jax.engine.static import run_static
+from tpt_jax.gemma import model as M
+from tpt_jax.gemma.sharding import SAMPLE_RULES
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Generation:
+    """One sample: generated ids (EOS excluded), why it ended, and how many tokens were drawn
+    (EOS included: the compute it cost)."""
+
+    tokens: list
+    finish: str  # "stop" (EOS or a stop sequence) | "length"
+    num_tokens: int
+    logits: Optional[np.ndarray] = None  # [num_tokens, V], only when asked for
+
+
+def prompt_buckets(max_prompt_tokens: int, smallest: int = 32) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to (and capped by) max_prompt_tokens."""
+    if max_prompt_tokens < 1:
+        raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    out, b = [], smallest
+    while b < max_prompt_tokens:
+        out.append(b)
+        b *= 2
+    out.append(max_prompt_tokens)
+    return tuple(out)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    return buckets[-1]
+
+
+def stable_hash(text: str) -> int:
+    """31-bit hash of a question id, identical on every host and every run."""
+    return int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _id_tuple(ids: Any) -> tuple:
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, (int, np.integer)) else tuple(map(int, ids))
+
+
+class Sampler:
+    """Sampling on one model over `rows` decode slots, compiled once per sampling setting (and
+    per prompt bucket and prefill size for the prefill).
+
+    Prompts longer than the largest bucket keep their last tokens. `params` (any layout, e.g.
+    the trainer's) are copied into the sampling layout (one array per layer, sampling
+    shardings with a mesh); `update_params` replaces them in place, and may be called first
+    when the sampler was made without weights. `stop_tokens` are the default stop sequences
+    of `generate`. `stats` describes the last `generate` call."""
+
+    def __init__(self, model: M.Gemma2, params: Any = None, mesh=None, *, rows: int = 32,
+                 max_prompt_tokens: int = 512, buckets: Optional[Sequence[int]] = None,
+                 eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
+                 stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
+                 refill_at: Optional[int] = None):
+        if rows < 1:
+            raise ConfigError(f"sampler rows must be >= 1, got {rows}")
+        self.model, self.rows = model, rows
+        # a chunk ends once this many slots are free to refill: every host check costs a
+        # round trip, every idle slot a share of a step
+        self.refill_at = max(1, rows // 16) if refill_at is None else max(1, int(refill_at))
+        self.buckets = tuple(sorted(buckets)) if buckets else prompt_buckets(max_prompt_tokens)
+        self.eos_ids = _id_tuple(eos_id)
+        self.pad_id = int(pad_id)
+        self.stop_tokens = stop_tokens
+        self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id)
+        self.stats = Stats(slots=rows)
+        if params is not None:
+            self.update_params(params)
+
+    def update_params(self, params: Any) -> bool:
+        """Sample from `params` from now on: copied into the existing sampling buffers (the
+        old ones donated); False when these very weights are already held (no copy)."""
+        return self.device.weights.update(params)
+
+    @property
+    def layout_copies(self) -> int:
+        """Weight copies into the sampling layout this sampler has made."""
+        return self.device.weights.copies
+
+    def cache_length(self, max_new: int) -> int:
+        return self.device.cache_length(max_new)
+
+    def _program(self, sampling: SamplingConfig, group: int, record: bool = False,
+                 stop_tokens: Optional[Sequence[Sequence[int]]] = None) -> PR.Program:
+        stops = self.stop_tokens if stop_tokens is None else stop_tokens
+        stop_seqs = tuple(tuple(int(t) for t in s) for s in stops if len(s))
+        return PR.Program(sampling.validate(), group, self.eos_ids, stop_seqs, self.pad_id,
+                          record)
+
+    def _prompts(self, prompts: Sequence[Sequence[int]], ids: Sequence[str],
+                 limits: Sequence[int]) -> list[Prompt]:
+        out = []
+        for i, p in enumerate(prompts):
+            b = bucket_for(len(p), self.buckets)
+            if len(p) > self.buckets[-1]:
+                log.warning("prompt %s has %d tokens; keeping the last %d", ids[i], len(p), b)
+            out.append(Prompt(tuple(p)[-b:] if len(p) else (), b, stable_hash(ids[i]),
+                              limits[i]))
+        return out
+
+    # -- public
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int = 1,
+                 ids: Optional[Sequence[str]] = None, seed: int = 0,
+                 progress: Optional[Callable[[int], None]] = None, return_logits: bool = False,
+                 max_new_tokens: Optional[Sequence[int]] = None, static: bool = False,
+                 longest_first: bool = True,
+                 stop_tokens: Optional[Sequence[Sequence[int]]] = None) -> list[list[Generation]]:
+        """n samples for each prompt (token ids, BOS included if wanted) -> [prompt][sample].
+
+        `ids` (default: the prompt's index) and `seed` decide each sample's randomness, so the
+        same (seed, id, sample) gives the same tokens in any slot, order or batch.
+        `max_new_tokens` (one per prompt, each 1..sampling.max_new_tokens) gives prompts their
+        own token limits. `stop_tokens` (token sequences) replace the sampler's default stop
+        sequences for this call. `progress(k)` is called as k more samples finish.
+        `return_logits` (tests) also returns each step's logits. `static` runs static batches
+        (the reference). `longest_first=False` starts requests in the given order even when
+        their limits differ."""
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        ids = [str(i) for i in range(len(prompts))] if ids is None else list(ids)
+        if len(ids) != len(prompts):
+            raise ValueError("ids and prompts differ in length")
+        cap = sampling.validate().max_new_tokens
+        limits = [cap] * len(prompts) if max_new_tokens is None else [int(x) for x in max_new_tokens]
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens and prompts differ in length")
+        if any(not 1 <= x <= cap for x in limits):
+            raise ConfigError(f"per-prompt max_new_tokens must be in 1..{cap}")
+        work = self._prompts(prompts, ids, limits)
+        self.stats = Stats(slots=self.rows, static=static)
+        results: list[list[Optional[Generation]]] = [[None] * n for _ in prompts]
+        if prompts:
+            prog = self._program(sampling, min(n, self.rows) if static else 1, return_logits,
+                                 stop_tokens)
+            for finished in self._finished(work, n, prog, seed, static, longest_first):
+                for f in finished:
+                    results[f.request.prompt][f.request.sample] = self._generation(f)
+                if progress is not None:
+                    progress(len(finished))
+        return results  # type: ignore[return-value]
+
+    def _finished(self, work: list[Prompt], n: int, prog: PR.Program, seed: int, static: bool,
+                  longest_first: bool) -> Iterator[list[Finished]]:
+        if static:
+            yield from run_static(self.device, work, n, prog, seed, self.stats)
+            return
+        order = sorted(range(len(work)), key=lambda i: -work[i].limit if longest_first else 0)
+        self.device.begin(prog, n, seed)
+        try:
+            yield from Scheduler(self.device, work, n, order, self.refill_at, self.stats).run()
+        finally:
+            self.device.end()
+
+    def _generation(self, f: Finished) -> Generation:
+        toks = f.tokens.tolist()
+        num = len(toks)
+        if f.stopped and toks and toks[-1] in self.eos_ids:
+            toks = toks[:-1]
+        return Generation(toks, "stop" if f.stopped else "length", num, f.logits)
+
+    def warm_up(self, sampling: SamplingConfig, n: int = 1, static: bool = False) -> None:
+        """Compile every program `generate` can use with these settings (benchmarks time
+        decoding, not compiles); nothing is kept."""
+        prog = self._program(sampling, min(n, self.rows) if static else 1)
+        if static:
+            work = [Prompt((2,), b, 0, 0) for b in self.buckets]  # limit 0: padding rows
+            for _ in run_static(self.device, work, n, prog, 0, Stats(slots=self.rows)):
+                pass
+            return
+        self.device.begin(prog, n, 0)
+        try:
+            self.device.warm_up(self.buckets)
+        finally:
+            self.device.end()
