@@ -1,5 +1,6 @@
 """The TPT loop end to end: artifacts, metrics.json schema, resume, and a GSM8K smoke round."""
 import json
+import logging
 
 import pytest
 
@@ -18,10 +19,18 @@ def strip_wall(metrics):
     return [{k: v for k, v in m.items() if k != "wall_s"} for m in metrics]
 
 
-def test_two_rounds_artifacts_schema_and_resume(tmp_path):
+def copies_line(caplog) -> str:
+    return [r.getMessage() for r in caplog.records if "sampling layout" in r.getMessage()][-1]
+
+
+def test_two_rounds_artifacts_schema_and_resume(tmp_path, caplog):
     out = tmp_path / "run"
     cfg = load_run_config(None, TINY + ["rounds=2"])
+    caplog.set_level(logging.INFO, logger="tpt_jax.loop.rounds")
     metrics = rounds.run(cfg, str(out))
+    # one sampler for the run: each round's weights are copied into it once (Eval of round
+    # r and Think of round r + 1 sample the same weights)
+    assert "3 weight copies into the sampling layout" in copies_line(caplog)
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
@@ -66,6 +75,7 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
     again = rounds.run(cfg, str(out))
     assert strip_wall(again) == strip_wall(saved)
+    assert "0 weight copies" in copies_line(caplog)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == before
 
 

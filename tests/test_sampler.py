@@ -371,3 +371,32 @@ def test_bad_requests(tiny):
         sampler.generate([[2, 5]], GREEDY, max_new_tokens=[0])
     with pytest.raises(ValueError, match="differ"):
         sampler.generate([[2, 5]], GREEDY, max_new_tokens=[1, 2])
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 1, 4)])
+def test_update_params_reuses_programs_and_buffers(tiny, mesh_shape):
+    """One sampler, new weights: the same samples as a fresh sampler made with them, nothing
+    compiled again, and no copy when the weights given are the ones already held."""
+    model, params = tiny
+    other = jax.tree.map(lambda x: x[::-1] if x.ndim > 1 else x, params)  # rows permuted
+    mesh = None if mesh_shape is None else make_mesh(MeshConfig(*mesh_shape))
+    prompts = prompts_of([5, 9, 12], model.cfg.vocab_size, seed=4)
+    sampling = SamplingConfig(temperature=1.0, top_k=40, max_new_tokens=8)
+    make = lambda p: S.Sampler(model, p, mesh, rows=4, buckets=(16,), eos_id=None)
+    sampler = make(params)
+    first = sampler.generate(prompts, sampling, n=2, seed=1)
+    traces = dict(TRACE_COUNT)
+    assert sampler.update_params(other) and sampler.layout_copies == 2
+    swapped = sampler.generate(prompts, sampling, n=2, seed=1)
+    assert dict(TRACE_COUNT) == traces  # the compiled programs serve the new weights
+    assert same(swapped, make(other).generate(prompts, sampling, n=2, seed=1))
+    assert not same(swapped, first)
+    assert not sampler.update_params(other) and sampler.layout_copies == 2  # held: no copy
+    assert sampler.update_params(params)
+    assert same(sampler.generate(prompts, sampling, n=2, seed=1), first)
+
+
+def test_sampler_without_weights_says_so(tiny):
+    model, _ = tiny
+    with pytest.raises(RuntimeError, match="update_params"):
+        S.Sampler(model, rows=2, buckets=(16,)).generate([[2, 5]], GREEDY)

@@ -92,3 +92,28 @@ def describe_start(s) -> str:
         f"data: {cfg.data.source}: {len(s.train_questions)} training questions, "
         f"{len(s.eval_questions)} {cfg.eval.split} questions; {cfg.rounds} rounds",
     ])
+
+
+_COMPILES = {"count": 0, "seconds": 0.0, "listening": False}
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["count"] += 1
+        _COMPILES["seconds"] += seconds
+
+
+def compiles() -> tuple[int, float]:
+    """XLA compilations in this process since the first call (count, seconds): the end-of-run
+    line reports how many programs a run built."""
+    if not _COMPILES["listening"]:
+        import jax
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _COMPILES["listening"] = True
+    return _COMPILES["count"], _COMPILES["seconds"]
+
+
+def describe_end(compiled: tuple[int, float], layout_copies: int) -> str:
+    """The run's last log line on compile and copy work (`compiles()` delta, samplers)."""
+    return (f"run: {compiled[0]} XLA compilations ({compiled[1]:.0f} s), {layout_copies} "
+            f"weight copies into the sampling layout")

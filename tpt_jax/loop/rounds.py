@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 def run(cfg: RunConfig, out_dir: str, force: bool = False, progress: bool = True) -> list[dict]:
     """Run (or resume) all rounds; returns the metrics records (also in DIR/metrics.json)."""
     check_output(out_dir, cfg, force)  # a refused start writes nothing:
+    count0, seconds0 = report.compiles()
     s = setup(cfg, progress)  # everything is checked before the run directory is touched
     with RunDir(out_dir, cfg, force) as rd:
         tracker = Tracker(out_dir, cfg.tracking, config=to_dict(cfg))
@@ -47,6 +48,9 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False, progress: bool = True
         finally:
             tracker.close()
         finish(rd, metrics)
+        count, seconds = report.compiles()
+        log.info("%s", report.describe_end((count - count0, seconds - seconds0),
+                                           s.samplers.layout_copies))
         return metrics
 
 

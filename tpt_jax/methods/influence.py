@@ -135,8 +135,8 @@ def projection_matrix(n: int, leaf: int, dim: int, seed: int) -> np.ndarray:
 def example_loss(model, params: Any, ex: dict, loss_chunk: int = 8192) -> jax.Array:
     """Mean cross-entropy over one example's trained tokens (`ex`: 1-D arrays tokens,
     positions, targets, weights, as `sft_data.build_batch` makes per row); 0 for padding."""
-    hidden, _ = model.apply({"params": params}, ex["tokens"][None], ex["positions"][None],
-                            return_hidden=True)
+    hidden = model.apply({"params": params}, ex["tokens"][None], ex["positions"][None],
+                         return_hidden=True)
     ce = chunked_cross_entropy(hidden, params["embedding"], ex["targets"][None], model.cfg,
                                loss_chunk)[0]
     w = ex["weights"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tpt_jax.gemma.config import ModelConfig
-from tpt_jax.gemma.model import softcap
+from tpt_jax.gemma.attention import softcap
 
 Array = jax.Array
 

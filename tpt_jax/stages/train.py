@@ -167,8 +167,8 @@ class Stepper:
 
     # -- math
     def _loss_sums(self, params, mb):
-        hidden, _ = self.model.apply({"params": params}, mb["tokens"], mb["positions"],
-                                     mb.get("segments"), return_hidden=True)
+        hidden = self.model.apply({"params": params}, mb["tokens"], mb["positions"],
+                                  mb.get("segments"), return_hidden=True)
         if "loss_pos" in mb:  # only the trained positions reach the vocabulary projection
             hidden = jnp.take_along_axis(hidden, mb["loss_pos"][..., None], axis=1)
         ce = chunked_cross_entropy(hidden, params["embedding"], mb["targets"], self.model.cfg,

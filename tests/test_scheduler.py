@@ -1,0 +1,118 @@
+"""The host scheduler against a fake device (no JAX): every request runs exactly once, in queue
+order, only in a free slot, from a store entry that holds its prompt; results come back as
+they finish. The fake checks the contract on every call."""
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from tpt_jax.engine.contract import Chunk, Prompt, Stats
+from tpt_jax.engine.device import prefill_sizes
+from tpt_jax.engine.scheduler import Scheduler
+
+
+def length_of(prompt: int, sample: int, limit: int) -> int:
+    """The fake's trace length: ragged, deterministic, at most the prompt's limit."""
+    return 1 + (prompt * 7 + sample * 3) % limit
+
+
+class FakeDevice:
+    """A `SlotDevice` that decodes one token a step per live slot, checking what it is told."""
+
+    def __init__(self, slots: int, n: int, max_new: int, to_limit: bool = False):
+        self.slots, self.n, self.max_new, self.to_limit = slots, n, max_new, to_limit
+        self.entries = max(1, slots // min(n, slots))
+        self.prefill_sizes = prefill_sizes(self.entries)
+        self.store: dict[int, int] = {}  # entry -> prompt it holds
+        self.started: dict[int, int] = {}  # prompt -> samples started from its current entry
+        self.rows: list = [None] * slots  # (request, length, drawn) per slot
+        self.start_order: list = []
+        self.prefill_calls = 0
+
+    def prefill(self, batch):
+        assert 1 <= len(batch) <= self.entries and len({p.bucket for _, p in batch}) == 1
+        for entry, prompt in batch:
+            old = self.store.get(entry)
+            # an entry is overwritten only once every sample of its prompt has started
+            assert old is None or self.started.get(old, self.n) == self.n, (entry, old)
+            self.store[entry] = prompt.id_hash
+            self.started[prompt.id_hash] = 0
+        self.prefill_calls += 1
+
+    def insert(self, starts, prompts):
+        assert len({s.slot for s in starts}) == len(starts)
+        for s in starts:
+            assert self.rows[s.slot] is None, f"slot {s.slot} is busy"
+            p = prompts[s.request.prompt]
+            assert self.store.get(s.entry) == p.id_hash, "entry does not hold the prompt"
+            self.started[p.id_hash] += 1
+            length = p.limit if self.to_limit else length_of(s.request.prompt,
+                                                              s.request.sample, p.limit)
+            self.rows[s.slot] = [s.request, length, 1]  # the first token drawn
+            self.start_order.append(s.request)
+
+    def decode(self, min_exit):
+        steps, finished = 0, 0
+        live = lambda: [r for r in self.rows if r is not None and r[2] < r[1]]
+        while live() and finished < min_exit and steps < 256:
+            for r in live():
+                r[2] += 1
+                finished += r[2] == r[1]
+            steps += 1
+        return steps
+
+    def read(self, steps):
+        done = np.array([r is not None and r[2] >= r[1] for r in self.rows])
+        drawn = np.array([0 if r is None else r[2] for r in self.rows])
+        tokens = np.zeros((self.slots, self.max_new), np.int32)
+        for k, r in enumerate(self.rows):
+            if r is not None:
+                tokens[k, :r[2]] = 1000 * r[0].prompt + r[0].sample
+        for k in np.flatnonzero(done):
+            self.rows[k] = None
+        return Chunk(steps, done, drawn, np.zeros(self.slots, bool), tokens)
+
+
+def run(slots, n, limits, buckets, refill_at, order=None, to_limit=False):
+    prompts = [Prompt((2, 3), b, i, lim) for i, (b, lim) in enumerate(zip(buckets, limits))]
+    device = FakeDevice(slots, n, max(limits), to_limit)
+    order = list(range(len(prompts))) if order is None else order
+    stats = Stats(slots=slots)
+    batches = list(Scheduler(device, prompts, n, order, refill_at, stats).run())
+    return device, stats, batches
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 9), n=st.integers(1, 5), refill_at=st.integers(1, 9),
+       rows=st.lists(st.tuples(st.sampled_from([8, 16, 32]), st.integers(1, 12)), min_size=1,
+                     max_size=14))
+def test_every_request_once_in_order(slots, n, refill_at, rows):
+    buckets, limits = zip(*rows)
+    device, stats, batches = run(slots, n, limits, buckets, refill_at)
+    got = [f for batch in batches for f in batch]
+    want = {(i, j) for i in range(len(rows)) for j in range(n)}
+    assert sorted((f.request.prompt, f.request.sample) for f in got) == sorted(want)
+    for f in got:  # each result is its own request's tokens, as many as the fake drew
+        assert len(f.tokens) == length_of(f.request.prompt, f.request.sample,
+                                          limits[f.request.prompt])
+        assert set(f.tokens.tolist()) == {1000 * f.request.prompt + f.request.sample}
+    queue = [(i, j) for i in range(len(rows)) for j in range(n)]
+    assert [(r.prompt, r.sample) for r in device.start_order] == queue  # queue order
+    assert stats.tokens == sum(len(f.tokens) for f in got)
+    assert stats.prefills == device.prefill_calls <= len(rows)
+    assert 0 < stats.slot_utilization <= 1 and all(batches)
+
+
+def test_slots_refill_before_all_finish():
+    """With refill_at=1 a slot whose row ends takes the next request while its neighbour
+    still runs: fewer decode steps than running the rows two by two."""
+    limits = [2, 12, 2, 12, 2, 12]
+    _, eager, batches = run(2, 1, limits, [8] * 6, refill_at=1, to_limit=True)
+    _, lazy, _ = run(2, 1, limits, [8] * 6, refill_at=2, to_limit=True)
+    assert eager.decode_steps < lazy.decode_steps
+    assert eager.host_checks > lazy.host_checks
+    assert len(batches) > 1
+
+
+def test_given_order_is_the_start_order():
+    device, _, _ = run(3, 2, [5, 5, 5, 5], [8, 16, 8, 32], refill_at=1, order=[3, 1, 0, 2])
+    assert [r.prompt for r in device.start_order] == [3, 3, 1, 1, 0, 0, 2, 2]
+
