@@ -30,6 +30,9 @@ def test_ragged_workload_both_paths(tmp_path, capsys):
     assert static["slot_utilization"] == round(sum(lengths) / (4 * 76), 4)
     assert cont["slot_utilization"] > static["slot_utilization"]
     assert cont["kv_cache_mib"] <= static["kv_cache_mib"]
+    # the dense cache reads every column of every slot; live columns are fewer
+    assert 0 < cont["kv_live_mib_per_step"] < cont["kv_read_mib_per_step"]
+    assert cont["weights_mib"] > 0 and "roofline_share" not in cont  # CPU: no HBM figure
 
 
 def test_uniform_workload(capsys):

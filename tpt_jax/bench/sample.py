@@ -12,6 +12,13 @@ lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps)
 one decode step of every slot (the step that inserts rows and draws their first tokens counts
 as one). Rows start longest limit first; `--fifo` keeps file order. `--static` runs the same
 rows through static batches in file order (each runs to its longest row: the peer's best case).
+
+Bytes a decode step moves: `weights_mib` (read once a step), `kv_read_mib_per_step` (the dense
+slot cache: every column of every slot, whatever its live length) and `kv_live_mib_per_step`
+(the columns rows actually hold, averaged over the run's steps). On an accelerator the HBM
+bandwidth is measured in-process (`hbm_gbps`, a streaming add over 2 GiB) and
+`roofline_share` = (weights + live KV) / bandwidth / measured step time: how close the step is
+to what reading only live keys would allow.
 """
 from __future__ import annotations
 
@@ -75,6 +82,33 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
     return total
 
 
+def measure_bandwidth(nbytes: int = 2 ** 31, repeats: int = 5) -> float:
+    """Device memory bandwidth in GB/s: median of a jitted x + 1 over `nbytes` of bf16 (each
+    byte read once and written once)."""
+    import jax.numpy as jnp
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    add = jax.jit(lambda a: a + 1)
+    add(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        add(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(times)) / 1e9
+
+
+def step_bytes(sampler: Sampler, lengths: list, prompt: int, decode_steps: int,
+               rows_read: int) -> dict:
+    """Bytes a decode step reads: weights, the whole dense cache of `rows_read` slots, and
+    the live columns only (row of length L reads prompt + t columns at its step t)."""
+    cfg, dtype = sampler.model.cfg, sampler.model.dtype
+    column = cache_bytes(cfg, 1, 1, dtype)
+    weights = sum(x.nbytes for x in jax.tree.leaves(sampler.device.params))
+    cols = sampler.cache_length(max(lengths))
+    live = sum(L * prompt + L * (L + 1) // 2 for L in lengths) / max(decode_steps, 1)
+    return {"weights": weights, "kv_read": rows_read * cols * column, "kv_live": live * column}
+
+
 def _bench(args) -> int:
     from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.sharding import make_mesh, parse_mesh
@@ -116,6 +150,13 @@ def _bench(args) -> int:
         wall, cpu, n_tok = run(1)
         s = sampler.stats
         assert n_tok == sum(lengths), (n_tok, sum(lengths))
+        moved = step_bytes(sampler, lengths, args.prompt, s.decode_steps, rows)
+        step_s = wall / max(s.decode_steps, 1)
+        roof = {}
+        if jax.default_backend() != "cpu":
+            gbps = measure_bandwidth()
+            roof = {"hbm_gbps": round(gbps, 1), "roofline_share": round(
+                (moved["weights"] + moved["kv_live"]) / (gbps * 1e9) / step_s, 3)}
         print(json.dumps({
             **info, "workload": "ragged", "rows": len(lengths), "max_new": new,
             "useful_tokens": n_tok, "decode_steps": s.decode_steps,
@@ -124,7 +165,10 @@ def _bench(args) -> int:
             "step_ms": round(1e3 * wall / max(s.decode_steps, 1), 2),
             "host_checks": s.host_checks, "prefills": s.prefills,
             "warm_up_s": round(compile_s, 1), "compiles": sum(TRACE_COUNT.values()) - before,
-            "kv_cache_mib": round(kv_bytes(sampler, args.static, rows) / 2 ** 20, 1)}))
+            "kv_cache_mib": round(kv_bytes(sampler, args.static, rows) / 2 ** 20, 1),
+            "weights_mib": round(moved["weights"] / 2 ** 20, 1),
+            "kv_read_mib_per_step": round(moved["kv_read"] / 2 ** 20, 1),
+            "kv_live_mib_per_step": round(moved["kv_live"] / 2 ** 20, 1), **roof}))
         return 0
 
     first, _, _ = run(0)
