@@ -11,5 +11,5 @@ bench() {
 }
 python -c "import jax; print(jax.__version__, jax.devices())"
 bench --batch 64 --new 256 --repeats 3
-bench --batch 64 --lengths "$lengths" --fifo
 bench --batch 64 --lengths "$lengths"
+bench --batch 64 --lengths "$lengths" --longest-first

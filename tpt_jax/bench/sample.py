@@ -10,13 +10,15 @@ no EOS, so every path does the same useful work; `--batch` decode slots. Every p
 compiled first (`Sampler.warm_up`), then one timed call: `useful_tokens_per_s` = sum of the
 lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps), a step being
 one decode step of every slot (the step that inserts rows and draws their first tokens counts
-as one). Rows start longest limit first; `--fifo` keeps file order. `--static` runs the same
-rows through static batches in file order (each runs to its longest row: the peer's best case).
+as one). Rows start in file order, as in Think, which cannot know a trace's length before it
+ends; `--longest-first` starts the longest limits first (the best case, with lengths known in
+advance). `--static` runs the same rows through static batches in file order (each runs to its
+longest row: the peer's best case).
 
 Bytes a decode step moves: `weights_mib` (read once a step), `kv_read_mib_per_step` (the dense
 slot cache: every column of every slot, whatever its live length) and `kv_live_mib_per_step`
 (the columns rows actually hold, averaged over the run's steps). On an accelerator the HBM
-bandwidth is measured in-process (`hbm_gbps`, a streaming add over 2 GiB) and
+bandwidth is measured in-process (`hbm_gbps`, a sum over 4 GiB) and
 `roofline_share` = (weights + live KV) / bandwidth / measured step time: how close the step is
 to what reading only live keys would allow.
 """
@@ -51,9 +53,9 @@ def add_bench_cli(parser) -> None:
                         help="JSON list of per-row token limits: the ragged workload")
     parser.add_argument("--static", action="store_true",
                         help="static batches (the reference) instead of continuous batching")
-    parser.add_argument("--fifo", action="store_true",
-                        help="start rows in file order, not longest limit first (as when the "
-                             "lengths are unknown in advance: EOS decides them)")
+    parser.add_argument("--longest-first", action="store_true",
+                        help="start the longest rows first (lengths known in advance: the best "
+                             "case), not in file order (as in Think, where EOS decides lengths)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
@@ -82,19 +84,19 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
     return total
 
 
-def measure_bandwidth(nbytes: int = 2 ** 31, repeats: int = 5) -> float:
-    """Device memory bandwidth in GB/s: median of a jitted x + 1 over `nbytes` of bf16 (each
-    byte read once and written once)."""
+def measure_bandwidth(nbytes: int = 2 ** 32, repeats: int = 5) -> float:
+    """Device memory read bandwidth in GB/s: median of a jitted sum over `nbytes` of bf16 (a
+    decode step mostly reads: weights and keys)."""
     import jax.numpy as jnp
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    add = jax.jit(lambda a: a + 1)
-    add(x).block_until_ready()
+    x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
+    total(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        add(x).block_until_ready()
+        total(x).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times)) / 1e9
+    return nbytes / float(np.median(times)) / 1e9
 
 
 def step_bytes(sampler: Sampler, lengths: list, prompt: int, decode_steps: int,
@@ -131,14 +133,14 @@ def _bench(args) -> int:
     new = max(lengths) if lengths else args.new
     sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=new)
     info = {"system": "tpt_jax",
-            "path": "static" if args.static else "continuous" + ("-fifo" if args.fifo else ""),
+            "path": "static" if args.static else "continuous" + ("-longest-first" if args.longest_first else ""),
             "shape": args.shape, "backend": jax.default_backend(), "devices": len(jax.devices()),
             "slots": rows, "prompt": args.prompt}
 
     def run(seed):
         t0, c0 = time.perf_counter(), time.process_time()
         res = sampler.generate(prompts, sampling, n=args.n, seed=seed, static=args.static,
-                               max_new_tokens=lengths, longest_first=not args.fifo)
+                               max_new_tokens=lengths, longest_first=args.longest_first)
         n_tok = sum(len(s.tokens) for r in res for s in r)
         return time.perf_counter() - t0, time.process_time() - c0, n_tok
 
