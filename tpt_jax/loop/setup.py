@@ -22,7 +22,7 @@ from tpt_jax.gemma.tokenizer import check_vocab
 from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
 from tpt_jax import prompts
-from tpt_jax.stages.train import check_batch
+from tpt_jax.stages.train_step import check_batch
 
 log = logging.getLogger(__name__)
 
