@@ -164,7 +164,7 @@ class Trainer:
                 last = step == end
                 if step % cfg.log_every == 0 or last or _every(cfg.eval_every, step) \
                         or _every(cfg.save_every, step):
-                    self.log(pending, tracker, bar)
+                    self.log_metrics(pending, tracker, bar)
                     pending = []
                 if eval_batches and (_every(cfg.eval_every, step) or step == total):
                     self.evaluate(step, eval_batches)
@@ -187,7 +187,7 @@ class Trainer:
         self.state, metrics = self.stepper.train_step(self.state, batch, self.sched)
         return metrics
 
-    def log(self, pending: list, tracker, bar) -> None:
+    def log_metrics(self, pending: list, tracker, bar) -> None:
         """Fetch the pending steps' metrics to the host, stop on a non-finite one, and report
         them with the trained tokens/s so far."""
         fetched = _host_metrics(pending)
