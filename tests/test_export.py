@@ -4,8 +4,8 @@ import os
 
 
 from tpt_jax.gemma import export, model as M, weights
-from tpt_jax.gemma.tokenizer import builtin_tokenizer, load_tokenizer
 from tpt_jax import engine as S
+from tpt_jax.data.builtin_tokenizer import builtin_tokenizer, load_tokenizer
 
 WORDS = "one two three plus is the answer <end_of_turn>".split()
 
@@ -37,11 +37,11 @@ def test_export_generates_like_the_sampler(tmp_path):
     model = M.make_model(cfg)
     params = weights.load_hf(src, model)
     out = str(tmp_path / "export")
-    export.export_hf(params, cfg, str(tmp_path / "tok"), out)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    export.export_hf(params, cfg, tok, out)
     gen = json.loads(open(os.path.join(out, "generation_config.json")).read())
     assert (gen["bos_token_id"], gen["pad_token_id"], gen["eos_token_id"]) == (2, 0, [1, 11])
 
-    tok = load_tokenizer(str(tmp_path / "tok"))
     hf_tok = AutoTokenizer.from_pretrained(out)
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     sampler = S.Sampler(model, params, rows=2, max_prompt_tokens=16,

@@ -8,7 +8,8 @@ import pytest
 
 from tpt_jax.config import SourceConfig, TptError
 from tpt_jax.gemma import hub, model as M, weights
-from tpt_jax.gemma.tokenizer import HFTokenizer, load_tokenizer
+from tpt_jax.data.builtin_tokenizer import load_tokenizer
+from tpt_jax.gemma.tokenizer import HFTokenizer
 from tpt_jax.methods.multimodel import source_model_config
 
 REV = "0123456789abcdef0123456789abcdef01234567"

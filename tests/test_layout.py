@@ -99,3 +99,52 @@ def test_modules_stay_readable():
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
     assert not long, long
+
+
+# Layers, lowest first: a module imports only from its own rank or below. The longest matching
+# prefix gives a module's rank. `gemma.config` (the model's hyperparameters, importing only
+# errors) is configuration; `prompts` (template names and text, importing only errors) is what
+# config validates `prompt` against; `plotting` writes files, as io does.
+LAYERS = {
+    "tpt_jax.errors": 0, "tpt_jax.faults": 0,
+    "tpt_jax.config": 1, "tpt_jax.config_io": 1, "tpt_jax.gemma.config": 1, "tpt_jax.prompts": 1,
+    "tpt_jax.io": 2, "tpt_jax.distributed": 2, "tpt_jax.plotting": 2,
+    "tpt_jax.gemma": 3,
+    "tpt_jax.engine": 4,
+    "tpt_jax.stages": 5,
+    "tpt_jax.data": 6, "tpt_jax.methods": 6,
+    "tpt_jax.loop": 7,
+    "tpt_jax.bench": 8,
+    "tpt_jax.cli": 9,
+}
+
+
+def layer(module: str) -> int:
+    """The rank of the longest prefix of `module` in LAYERS; the package's __init__ is 0."""
+    if module == "tpt_jax":
+        return 0
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return LAYERS[".".join(parts[:n])]
+    raise KeyError(f"{module} has no rank in LAYERS: add it")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer(b) > layer(a))
+
+
+def test_layer_order():
+    assert layer("tpt_jax.gemma.config") < layer("tpt_jax.gemma.model") < layer("tpt_jax.engine.x")
+    assert upward_imports({"tpt_jax.gemma.model": {"tpt_jax.stages.loss"}}) == [
+        "tpt_jax.gemma.model -> tpt_jax.stages.loss"]
+    assert upward_imports(import_graph()) == []
+
+
+def test_command_line_code_lives_in_cli():
+    """Library modules hold no argparse code; only `cli` and the benchmarks' own arguments."""
+    found = [f"{name}:{n.lineno}" for name, path in _modules().items()
+             if not name.startswith(("tpt_jax.cli", "tpt_jax.bench"))
+             for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(n, ast.Attribute) and n.attr in ("add_argument", "set_defaults")]
+    assert not found, found

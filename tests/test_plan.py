@@ -103,9 +103,10 @@ def test_cli_reruns_itself_with_more_devices(monkeypatch, capsys):
     """More devices than this process has: the command runs again in a fresh process with
     XLA_FLAGS asking for them (the subprocess call is captured here, not run)."""
     from tpt_jax import cli
+    from tpt_jax.cli import plan as plan_cli
     calls = []
-    monkeypatch.setattr(PL.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    monkeypatch.delenv(PL._CHILD_ENV, raising=False)
+    monkeypatch.setattr(plan_cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.delenv(plan_cli._CHILD_ENV, raising=False)
     rc = cli.main(["plan", "tiny_cpu", "model=test-tiny", "--devices", "64", "--mesh", "1,8,8",
                    "--batch", "8", "--json"])
     assert rc == 0 and len(calls) == 1
@@ -113,7 +114,7 @@ def test_cli_reruns_itself_with_more_devices(monkeypatch, capsys):
     assert cmd[1:] == ["-m", "tpt_jax.cli", "plan", "tiny_cpu", "model=test-tiny", "--devices",
                        "64", "--mesh", "1,8,8", "--batch", "8", "--json"]
     assert "--xla_force_host_platform_device_count=64" in env["XLA_FLAGS"].split()
-    assert env["JAX_PLATFORMS"] == "cpu" and env[PL._CHILD_ENV] == "1"
+    assert env["JAX_PLATFORMS"] == "cpu" and env[plan_cli._CHILD_ENV] == "1"
 
 
 def test_cli_errors_are_one_line(capsys):

@@ -179,7 +179,7 @@ def test_safetensors_index_bytes_and_types(data):
 @settings(max_examples=15, deadline=None)
 @given(st.binary(max_size=200))
 def test_sentencepiece_model_bytes(data):
-    from tpt_jax.gemma.tokenizer import load_tokenizer
+    from tpt_jax.data.builtin_tokenizer import load_tokenizer
     only_tpt_errors(load_tokenizer, _file(data, "tokenizer.model"))
 
 
@@ -187,7 +187,7 @@ def test_sentencepiece_model_bytes(data):
 @given(st.binary(max_size=100) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_hf_tokenizer_json_bytes(data):
     pytest.importorskip("transformers")
-    from tpt_jax.gemma.tokenizer import load_tokenizer
+    from tpt_jax.data.builtin_tokenizer import load_tokenizer
     only_tpt_errors(load_tokenizer, str(Path(_file(data, "tokenizer.json")).parent))
 
 

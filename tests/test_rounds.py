@@ -65,7 +65,7 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path, caplog):
 
     # the run ends with the last round's model as an HF checkpoint transformers loads whole
     from transformers import AutoTokenizer
-    from tpt_jax.gemma.tokenizer import load_tokenizer
+    from tpt_jax.data.builtin_tokenizer import load_tokenizer
     assert json.loads((out / "hf" / "generation_config.json").read_text())["eos_token_id"]
     text = "Tom has 3 apples."
     hf_ids = AutoTokenizer.from_pretrained(str(out / "hf"))(text)["input_ids"]

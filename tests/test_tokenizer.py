@@ -1,11 +1,12 @@
 """Tokenizers (sentencepiece, HF, builtin cache, vocab check) and prompt templates."""
 import pytest
 
-from tpt_jax.stages import prompts
+from tpt_jax import prompts
 from tpt_jax.config import ConfigError, TptError
 from tpt_jax.data import seed_solutions, synthetic_split
-from tpt_jax.gemma.tokenizer import (BUILTIN_VOCAB_SIZE, HFTokenizer, SentencePieceTokenizer,
-                               builtin_tokenizer, check_vocab, load_tokenizer, train_sentencepiece)
+from tpt_jax.data.builtin_tokenizer import BUILTIN_VOCAB_SIZE, builtin_tokenizer, load_tokenizer
+from tpt_jax.gemma.tokenizer import (HFTokenizer, SentencePieceTokenizer, check_vocab,
+                                     train_sentencepiece)
 
 TEXTS = ["Question: Mia has 17 apples. She buys 5 more.\nAnswer: buys 5: <<17+5=22>>22\n#### 22",
          "Question: Sam has 40 pens. He gives half to Tom.\nAnswer: gives half: <<40/2=20>>20\n#### 20",

@@ -10,7 +10,7 @@ from tpt_jax.config import ConfigError, MeshConfig, RunConfig, TptError, TrainCo
 from tpt_jax.stages.loss import chunked_cross_entropy, num_chunks, plain_cross_entropy
 from tpt_jax.gemma.model import dense, init_params
 from tpt_jax.gemma.sharding import TRAIN_RULES, make_mesh
-from tpt_jax.stages.train import Stepper, check_batch, learning_rate, schedule_args
+from tpt_jax.stages.train_step import Stepper, check_batch, learning_rate, schedule_args
 
 TOK = CharTokenizer()
 

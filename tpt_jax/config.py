@@ -13,7 +13,7 @@ from typing import Optional
 from tpt_jax.config_io import apply_overrides, from_dict, read_yaml, resolve_config_path, to_dict
 from tpt_jax.errors import ConfigError, TptError  # noqa: F401 (TptError: imported from here)
 from tpt_jax.gemma.config import MODEL_PRESETS
-from tpt_jax.stages.prompts import parse_template
+from tpt_jax.prompts import parse_template
 
 
 # ----------------------------------------------------------------------------- run sections

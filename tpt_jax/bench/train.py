@@ -84,7 +84,7 @@ def random_batch(vocab: int, batch: int, seq: int, seed: int = 0, loss_bucket: i
 def _bench(args) -> int:
     from tpt_jax.gemma.model import count_params, init_params, make_model
     from tpt_jax.gemma.sharding import TRAIN_RULES
-    from tpt_jax.stages.train import Stepper, check_batch, default_mesh, schedule_args
+    from tpt_jax.stages.train_step import Stepper, check_batch, default_mesh, schedule_args
 
     mcfg = model_preset(args.shape)
     model = make_model(mcfg, args.dtype, "float32", args.remat)

@@ -196,7 +196,7 @@ def load_seed(cfg: DataConfig, skips: Optional[tio.Skips] = None) -> list[dict]:
 
 def seed_examples(cfg: DataConfig, template: str, shots: Optional[list] = None) -> list[dict]:
     """Seed solutions as training examples (the record format Prune writes and Train reads)."""
-    from tpt_jax.stages import prompts
+    from tpt_jax import prompts
 
     return [{"id": r["id"], "sample": 0, "source": "seed",
              "prompt": prompts.format_prompt(template, r["question"], shots),

@@ -1,4 +1,4 @@
-"""HF exports that transformers loads whole, and `tpt convert`.
+"""HF exports that transformers loads whole.
 
 `export_hf` writes the weights (`weights.save_hf`), the tokenizer files and a generation
 config, so `AutoModelForCausalLM.from_pretrained(dir)` plus `AutoTokenizer.from_pretrained(dir)`
@@ -6,7 +6,6 @@ generate what tpt's sampler does: same prompt ids (BOS first), same stop ids.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -20,20 +19,14 @@ from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma import tokenizer as T
 from tpt_jax.gemma import weights
 
-log = logging.getLogger(__name__)
 
-
-def export_hf(params: Any, model_cfg: ModelConfig, tokenizer_source: Any, out_dir: str,
+def export_hf(params: Any, model_cfg: ModelConfig, tok: T.Tokenizer, out_dir: str,
               dtype: str = "float32") -> None:
     """Weights + tokenizer + generation_config.json in `out_dir` (local or gs://).
-    `tokenizer_source`: a loaded tokenizer, or what `load_tokenizer` takes (None / "builtin", a
-    .model file, an HF dir or Hub id). Every process must call it (weights are gathered);
-    process 0 writes."""
+    Every process must call it (weights are gathered); process 0 writes."""
     weights.save_hf(params, model_cfg, out_dir, dtype=dtype)
     if jax.process_index() != 0:
         return
-    loaded = tokenizer_source is not None and not isinstance(tokenizer_source, str)
-    tok = tokenizer_source if loaded else T.load_tokenizer(tokenizer_source)
     local = tempfile.mkdtemp(prefix="tpt-export-tok-")
     try:
         save_tokenizer(tok, local)
@@ -81,37 +74,3 @@ def save_generation_config(tok: T.Tokenizer, out_dir: str) -> None:
     eos = stop_ids(tok)
     GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
                      eos_token_id=eos[0] if len(eos) == 1 else eos).save_pretrained(out_dir)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_cli(parser) -> None:
-    parser.add_argument("src", help="source: HF checkpoint dir (local, gs:// or Hub id "
-                        "ORG/NAME[@REV]) for --to orbax; Orbax params dir for --to hf")
-    parser.add_argument("dst", help="destination directory (local or gs://)")
-    parser.add_argument("--to", choices=["orbax", "hf"], required=True,
-                        help="orbax: HF safetensors -> Orbax params; hf: Orbax params -> HF")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the written weights")
-    parser.add_argument("--tokenizer", help="--to hf: also write this tokenizer's files and a "
-                        "generation config (sentencepiece .model, HF dir, Hub id or 'builtin')")
-    parser.set_defaults(func=_convert)
-
-
-def _convert(args) -> int:
-    from tpt_jax.gemma.model import make_model
-    io.check_writable_dir(args.dst, "destination")
-    if args.to == "orbax":
-        cfg = weights.read_hf_config(args.src)
-        model = make_model(cfg, param_dtype=args.dtype)
-        weights.save_params(weights.load_hf(args.src, model), cfg, args.dst)
-    else:
-        cfg = weights.read_model_json(args.src)
-        params = weights.load_params(args.src, make_model(cfg))
-        if args.tokenizer:
-            export_hf(params, cfg, args.tokenizer, args.dst, dtype=args.dtype)
-        else:
-            weights.save_hf(params, cfg, args.dst, dtype=args.dtype)
-    log.info("wrote %s (%s)", args.dst, args.to)
-    return 0

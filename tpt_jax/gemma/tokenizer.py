@@ -1,16 +1,13 @@
-"""Tokenizers: SentencePiece models (local or gs://), HF tokenizer dirs, and the builtin one.
+"""Tokenizers: SentencePiece models (local or gs://), HF tokenizer dirs, and training a
+SentencePiece model with Gemma's ids.
 
 All of them follow Gemma's id layout (pad=0, eos=1, bos=2; unk=3 for the builtin), so the model,
 sampler and trainer never special-case a tokenizer. `encode` never adds BOS/EOS unless asked:
-the sampler and trainer decide where those go.
-
-The builtin tokenizer is a small BPE model trained on the synthetic task's text. Training is
-deterministic (one thread, no sampling), and the model file is cached by a hash of its recipe, so
-every run and every machine gets the same ids.
+the sampler and trainer decide where those go. The builtin tokenizer (trained on the synthetic
+task's text) and `load_tokenizer` live in `data.builtin_tokenizer`, above the data they need.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
@@ -22,11 +19,9 @@ from tpt_jax.config import TptError
 from tpt_jax.gemma import hub
 
 GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = 0, 1, 2, 3
-BUILTIN_VOCAB_SIZE = 256
 # Atomic pieces: newlines carry the solution's line structure; chat markers and the calculator
 # and answer markers must never be split or merged with their neighbours.
 SPECIAL_PIECES = ["\n", "<start_of_turn>", "<end_of_turn>", "<<", ">>", "####"]
-BUILTIN_RECIPE_VERSION = 1  # bump when the corpus or trainer options change
 
 
 class Tokenizer(Protocol):
@@ -159,51 +154,9 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int,
     return proto
 
 
-def builtin_corpus(seed: int = 0) -> list[str]:
-    """The builtin tokenizer's training text: synthetic problems in the shapes the prompt
-    templates produce (plain and chat), so every template tokenizes without unknown pieces."""
-    from tpt_jax.stages import prompts
-    from tpt_jax.data.synthetic import synthetic_split
-
-    texts = []
-    for r in synthetic_split("train", 1500, seed) + synthetic_split("test", 300, seed):
-        texts.append(prompts.format_prompt("plain", r["question"])
-                     + prompts.format_completion("plain", r["answer"]))
-    for r in synthetic_split("seed", 50, seed):
-        texts.append(prompts.format_prompt("zero-shot", r["question"]) + r["answer"])
-    return texts
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("TPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpt_jax")
-    return Path(root)
-
-
-def builtin_tokenizer(cache_dir: Optional[str | os.PathLike] = None,
-                      vocab_size: int = BUILTIN_VOCAB_SIZE, seed: int = 0) -> SentencePieceTokenizer:
-    """The synthetic task's tokenizer, trained once and cached by a hash of its recipe."""
-    texts = builtin_corpus(seed)
-    digest = hashlib.sha256("\x00".join(
-        [f"v{BUILTIN_RECIPE_VERSION}", str(vocab_size)] + texts).encode()).hexdigest()[:12]
-    path = Path(cache_dir or default_cache_dir()) / f"builtin-{vocab_size}-{digest}.model"
-    if path.is_file():
-        try:
-            return SentencePieceTokenizer(path, name=f"builtin ({path})")
-        except TptError:
-            pass  # a damaged cache file: retrain over it
-    try:
-        proto = train_sentencepiece(texts, vocab_size, path)
-    except OSError:  # read-only cache dir: train in memory (deterministic, so same ids)
-        proto = train_sentencepiece(texts, vocab_size)
-    return SentencePieceTokenizer(proto, name=f"builtin ({path})")
-
-
-def load_tokenizer(spec: Optional[str], cache_dir: Optional[str | os.PathLike] = None) -> Tokenizer:
-    """`spec`: None or "builtin" -> the synthetic task's tokenizer; a sentencepiece model file
-    (local or gs://); or a directory (or Hub id): HF tokenizer files, else a `tokenizer.model`."""
-    if spec is None or spec == "builtin":
-        return builtin_tokenizer(cache_dir)
+def read_tokenizer(spec: str) -> Tokenizer:
+    """A sentencepiece model file (local or gs://), or a directory (or Hub id): HF tokenizer
+    files, else a `tokenizer.model`. The builtin tokenizer is `data.builtin_tokenizer`'s."""
     spec = hub.resolve(spec, "tokenizer")  # a Hub id -> its cached tokenizer files
     p = tio.path(spec)
     if not p.exists():

@@ -1,8 +1,9 @@
 """End-of-run report: a table of rounds in the terminal and a PNG plot in the run directory."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
+
+from tpt_jax.plotting import save_png
 
 
 def _pct(x: Optional[float]) -> str:
@@ -58,18 +59,6 @@ def plot(metrics: Sequence[dict], out_path: str, title: str = "Think, Prune, Tra
     ax.patch.set_visible(False)
     ax.set_title(title)
     return save_png(fig, out_path)
-
-
-def save_png(fig, out_path: str) -> str:
-    """Lay out, write atomically (temporary name, then rename), and close a figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
 
 
 def describe_start(s) -> str:

@@ -29,7 +29,7 @@ from tpt_jax.loop import report
 from tpt_jax.loop import round_stages as st
 from tpt_jax.loop.rundir import RunDir, check_output
 from tpt_jax.loop.runner import Artifact, run_stage
-from tpt_jax.loop.setup import Setup, base_params, config_from_args, setup
+from tpt_jax.loop.setup import Setup, base_params, setup
 from tpt_jax.loop.tracking import Tracker
 from tpt_jax.methods import multimodel
 
@@ -127,25 +127,3 @@ def finish(rd: RunDir, metrics: list[dict]) -> None:
     if any(m.get("data_quality") for m in metrics):
         multimodel.plot_data_quality(metrics, rd.path("data_quality.png"))
     print(f"metrics: {rd.path('metrics.json')}  plot: {rd.path('metrics.png')}")
-
-
-def add_cli(parser) -> None:
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (path or name in configs/; default: tiny_cpu)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. think.n=8 train.learning_rate=2e-6")
-    parser.add_argument("--output", "-o", default=None,
-                        help="run directory, local or gs:// (default: runs/<config name>)")
-    parser.add_argument("--force", action="store_true",
-                        help="resume even though the config changed since the run started")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="log lines instead of progress bars (also when not a terminal)")
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    cfg = config_from_args(args.config, args.overrides)
-    first = args.config if args.config and "=" not in args.config else "tiny_cpu"
-    name = first.rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")
-    run(cfg, args.output or f"runs/{name}", force=args.force, progress=not args.no_progress)
-    return 0

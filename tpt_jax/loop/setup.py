@@ -17,12 +17,13 @@ from tpt_jax.gemma.config import model_preset
 from tpt_jax.data.sources import load_seed, load_split
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma import sharding, weights
-from tpt_jax.gemma.tokenizer import check_vocab, load_tokenizer
+from tpt_jax.data.builtin_tokenizer import load_tokenizer
+from tpt_jax.gemma.tokenizer import check_vocab
 from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
-from tpt_jax.stages import prompts
+from tpt_jax import prompts
 from tpt_jax.stages.think import Samplers
-from tpt_jax.stages.train import check_batch
+from tpt_jax.stages.train_step import check_batch
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from tpt_jax import io as tio
 from tpt_jax.config import PruneConfig, SourceConfig, TptError
 from tpt_jax.gemma.config import ModelConfig, model_preset
+from tpt_jax.plotting import save_png
 
 log = logging.getLogger(__name__)
 
@@ -206,5 +207,4 @@ def plot_data_quality(rounds: Sequence[dict], out_path: str) -> str:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("data quality per source")
-    from tpt_jax.loop.report import save_png
     return save_png(fig, out_path)

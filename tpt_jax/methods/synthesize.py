@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tpt_jax.stages import answers
-from tpt_jax.stages import prompts as P
+from tpt_jax import prompts as P
 from tpt_jax.config import SynthesizeConfig, ThinkConfig, TptError
 
 log = logging.getLogger(__name__)

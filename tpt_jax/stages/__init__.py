@@ -1,1 +1,1 @@
-"""The TPT stages: Think (sampler, prompts), Prune (answers), Train (loss, SFT data), Eval."""
+"""The TPT stages: Think (sampler), Prune (answers), Train (trainer, compiled step, loss, SFT data), Eval."""

@@ -1,8 +1,9 @@
 """`tpt` command line: run | think | prune | train | eval | bench | convert | plan | budget.
 
-Each stage module defines `add_cli(parser)`, which adds its arguments and sets `func`.
-Only the chosen command's module is imported, so `tpt --help` stays fast. Expected errors
-(`TptError`) print one line and exit 2; they never show a traceback.
+Each command has its module in this package: `add_cli(parser)` adds its arguments and sets
+`func`, the function that runs it. Library modules hold no argparse code. Only the chosen
+command's module is imported, so `tpt --help` stays fast. Expected errors (`TptError`) print one
+line and exit 2; they never show a traceback.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import sys
 from tpt_jax.config import TptError
 
 COMMANDS = {
-    "run": ("tpt_jax.loop.rounds", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
-    "think": ("tpt_jax.stages.think", "sample n reasoning traces per question into JSONL shards"),
-    "prune": ("tpt_jax.stages.prune", "verify samples against gold answers and select training data"),
-    "train": ("tpt_jax.stages.train_cli", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
-    "eval": ("tpt_jax.stages.evaluate", "greedy Pass@1 and sampled pass@k on an eval split"),
-    "bench": ("tpt_jax.bench", "benchmarks printing one JSON line (sample | train | prune)"),
-    "convert": ("tpt_jax.gemma.export", "convert between HF safetensors checkpoints and Orbax params"),
-    "plan": ("tpt_jax.bench.plan", "ahead-of-time per-device memory plan for a config on N devices"),
-    "budget": ("tpt_jax.methods.planner", "compute-matched samples per question for two models"),
+    "run": ("tpt_jax.cli.run", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
+    "think": ("tpt_jax.cli.think", "sample n reasoning traces per question into JSONL shards"),
+    "prune": ("tpt_jax.cli.prune", "verify samples against gold answers and select training data"),
+    "train": ("tpt_jax.cli.train", "supervised fine-tuning on pruned examples (Orbax checkpoints)"),
+    "eval": ("tpt_jax.cli.eval", "greedy Pass@1 and sampled pass@k on an eval split"),
+    "bench": ("tpt_jax.cli.bench", "benchmarks printing one JSON line (sample | train | prune)"),
+    "convert": ("tpt_jax.cli.convert", "convert between HF safetensors checkpoints and Orbax params"),
+    "plan": ("tpt_jax.cli.plan", "ahead-of-time per-device memory plan for a config on N devices"),
+    "budget": ("tpt_jax.cli.budget", "compute-matched samples per question for two models"),
 }
 
 
@@ -89,7 +90,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tpt: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -48,11 +48,11 @@ def add_cli(parser) -> None:
 
 def _cli(args) -> int:
     from tpt_jax.config import RunConfig, validate_run
+    from tpt_jax.data.builtin_tokenizer import load_tokenizer
     from tpt_jax.config_io import apply_overrides, from_dict, read_yaml, resolve_config_path
     from tpt_jax.gemma.config import model_preset
     from tpt_jax.gemma.export import export_hf
     from tpt_jax.gemma.model import init_params, make_model
-    from tpt_jax.gemma.tokenizer import load_tokenizer
     from tpt_jax.gemma.weights import load_hf, read_hf_config
     from tpt_jax.loop.tracking import Tracker
 
@@ -71,8 +71,7 @@ def _cli(args) -> int:
     else:
         log.warning("no --checkpoint: training a random init of model preset %r", cfg.model)
         params = init_params(model, jax.random.key(cfg.seed), mesh, TRAIN_RULES)
-    tokenizer_source = args.tokenizer or cfg.tokenizer
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     tracker = Tracker(args.out, cfg.tracking, config=dataclasses.asdict(cfg))
     try:
         params, metrics = train(params, model, tokenizer, examples, cfg.train, args.out, mesh,
@@ -81,7 +80,7 @@ def _cli(args) -> int:
     finally:
         tracker.close()
     if not args.no_export:
-        export_hf(params, mcfg, tokenizer_source, str(io.path(args.out) / "model"),
+        export_hf(params, mcfg, tokenizer, str(io.path(args.out) / "model"),
                   dtype=cfg.param_dtype)
     summary = {k: metrics[k] for k in ("steps", "total_steps", "resumed_from", "final_loss",
                                        "best_step", "best_eval_loss", "examples",
