@@ -16,7 +16,6 @@ import hashlib
 import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import jax
 import numpy as np
 
 from tpt_jax.config import ConfigError
