@@ -110,6 +110,7 @@ def test_damaged_artifacts_are_redone(finished, tmp_path, capsys, kind):
         assert sum(str(out / name) in line and "writing it again" in line
                    for line in err.splitlines()) == 1, (name, err[-3000:])
     assert_same_results(out, ref)
+    assert (ckpts / f"{newest}.corrupt").is_dir()  # the damaged checkpoint was moved aside
 
 
 def _snapshot(out: Path) -> dict:

@@ -3,6 +3,8 @@
 `tpt run` may be killed at any moment. Each stage writes its artifacts atomically and only
 then is marked done in state.json (also written atomically), so a rerun redoes at most the
 stage that was interrupted. Only process 0 writes; a lock keeps two runs out of one directory.
+A stage is marked with the sizes of the files it left: a rerun finds a damaged one (a copy cut
+short, a disk error) before it writes anything, and runs that stage again.
 `check_output` is the read-only half: `tpt run` calls it (and its set-up) before the RunDir is
 entered, so a refused start writes nothing.
 """
