@@ -151,23 +151,20 @@ def damage(root: str, stage: str, recorded: Optional[dict]) -> Optional[str]:
             return f"{where} is missing"
         if have[rel] != size:
             return f"{where} has {have[rel]} bytes, expected {size}"
-        try:
-            if rel.endswith(".json"):
-                io.read_json(where, kind=None)
-            elif rel.endswith(".jsonl"):
-                for _ in io.read_jsonl(where):
-                    pass
-        except TptError as e:
-            return str(e)
+        why = _unreadable(where)
+        if why:
+            return why
     return None
 
 
 def _unreadable(p: str) -> Optional[str]:
-    """Why the JSON file `p` cannot be read, or None (also when there is none)."""
-    if not io.path(p).exists():
-        return None
+    """Why the JSON or JSONL file `p` does not parse, or None (also when there is none)."""
     try:
-        io.read_json(p, kind=None)
+        if p.endswith(".json") and io.path(p).exists():
+            io.read_json(p, kind=None)
+        elif p.endswith(".jsonl") and io.path(p).exists():
+            for _ in io.read_jsonl(p):
+                pass
     except TptError as e:
         return str(e)
     return None
