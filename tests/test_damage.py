@@ -16,15 +16,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_faults import _no_wall, _params, _records, _samples, overrides
-from tpt_jax import io
+from test_faults import _no_wall, _params, _records, _samples, overrides
+from tpt_jax import errors, io
 from tpt_jax.cli import main
-from tpt_jax.errors import disk_full
 
 KINDS = ("truncated", "garbage", "empty")
 
@@ -151,15 +152,28 @@ def test_damaged_state_and_config_is_one_line_and_writes_nothing(finished, tmp_p
 
 def test_disk_full_message_names_the_directory():
     e = OSError(errno.ENOSPC, "No space left on device", "/runs/x/r01/eval.json")
-    assert "disk full" in str(disk_full(e)) and "/runs/x/r01 " not in str(disk_full(e))
-    assert "/runs/x/r01;" in str(disk_full(e))
+    assert str(errors.disk_full(e)).startswith("disk full: no space left on the device of "
+                                               "/runs/x/r01;")
     orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.mu/0" in OCDBT database at '
                        'local file "/runs/x/r00/train/checkpoints/8.orbax-checkpoint-tmp/'
                        'state.orbax-checkpoint-tmp/ocdbt.process_0/": ... No space left on '
                        "device [os_error_code='28']")
-    assert "of /runs/x/r00/train/checkpoints;" in str(disk_full(orbax))
-    assert disk_full(ValueError("RESOURCE_EXHAUSTED"), "/runs/x") is not None
-    assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert "of /runs/x/r00/train/checkpoints;" in str(errors.disk_full(orbax))
+    assert errors.disk_full(ValueError("RESOURCE_EXHAUSTED"), "/runs/x") is not None
+    assert errors.disk_full(OSError(errno.EACCES, "Permission denied")) is None
+
+
+def test_writes_abandoned_by_a_full_disk_stay_quiet(monkeypatch):
+    """What Orbax's abandoned writes raise after the error (on a closed event loop, or at
+    exit) prints nothing; any other unraisable error still goes to Python's hook."""
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(sys, "__unraisablehook__", printed.append)
+    errors.quiet_disk_full()
+    for text in ("Event loop is closed", "sys.meta_path is None, Python is likely shutting down",
+                 "something else"):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError(text)))
+    assert [str(u.exc_value) for u in printed] == ["something else"]
 
 
 def _one_line_disk_full(err: str, where: Path) -> None:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         _resolve_hub_args(chosen, args)
-        logging.getLogger("absl").addFilter(quiet_disk_full)  # reported below, in one line
+        quiet_disk_full()  # reported below, in one line
         with disk_full_as_error():
             result = args.func(args)
         return int(result or 0)

@@ -7,7 +7,8 @@ import gc
 import logging
 import os
 import re
-from typing import Iterator, Optional
+import sys
+from typing import Any, Iterator, Optional
 
 
 class TptError(Exception):
@@ -72,9 +73,23 @@ def disk_full_as_error(where: str = "") -> Iterator[None]:
         raise full from None
 
 
-def quiet_disk_full(record: logging.LogRecord) -> bool:
-    """A logging filter: drop Orbax's own logged tracebacks of a full disk (the CLI reports it
-    in one line)."""
+def quiet_disk_full() -> None:
+    """Keep a full disk to the CLI's one line: Orbax logs its own tracebacks of it, and the
+    writes a failed save abandoned end later on a closed event loop (or at the interpreter's
+    exit), where Python prints what they raise as 'Exception ignored' tracebacks."""
+    logging.getLogger("absl").addFilter(_not_disk_full)
+    sys.unraisablehook = _unraisable
+
+
+def _not_disk_full(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     return not (any(t in record.getMessage() for t in _FULL_TEXT)
                 or (error is not None and disk_full(error) is not None))
+
+
+def _unraisable(u: Any) -> None:
+    if not any(t in str(u.exc_value) for t in _ABANDONED):
+        sys.__unraisablehook__(u)
+
+
+_ABANDONED = ("Event loop is closed", "Python is likely shutting down")
