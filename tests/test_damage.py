@@ -159,7 +159,9 @@ def test_disk_full_message_names_the_directory():
                        'state.orbax-checkpoint-tmp/ocdbt.process_0/": ... No space left on '
                        "device [os_error_code='28']")
     assert "of /runs/x/r00/train/checkpoints;" in str(errors.disk_full(orbax))
-    assert errors.disk_full(ValueError("RESOURCE_EXHAUSTED"), "/runs/x") is not None
+    assert "of /runs/x;" in str(errors.disk_full(OSError(errno.ENOSPC, "No space"), "/runs/x"))
+    oom = ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0G")
+    assert errors.disk_full(oom, "/runs/x") is None
     assert errors.disk_full(OSError(errno.EACCES, "Permission denied")) is None
 
 

@@ -20,8 +20,9 @@ class ConfigError(TptError):
 
 
 # How Orbax/TensorStore report a full disk: `ValueError: RESOURCE_EXHAUSTED: Error writing ...
-# at local file "DIR": ... No space left on device [os_error_code='28']`.
-_FULL_TEXT = ("RESOURCE_EXHAUSTED", "No space left on device", "os_error_code='28'")
+# at local file "DIR": ... No space left on device [os_error_code='28']` (RESOURCE_EXHAUSTED
+# alone is also XLA's out-of-memory).
+_FULL_TEXT = ("No space left on device", "os_error_code='28'")
 _QUOTED_PATH = re.compile(r'(?:local file|Failed writing:) "([^"]+)"')
 
 
