@@ -101,8 +101,12 @@ def to_dict(cfg: Any) -> dict:
 def fingerprint(cfg: Any) -> str:
     """Stable short hash of a config, stored with checkpoints and run state; `tracking` is left
     out (where metrics are logged changes no result, and a resumed run may change it)."""
-    data = to_dict(cfg)
-    data.pop("tracking", None)
+    return dict_fingerprint(to_dict(cfg))
+
+
+def dict_fingerprint(data: dict) -> str:
+    """`fingerprint` of a config as a dict (e.g. read back from a run's config.json)."""
+    data = {k: v for k, v in data.items() if k != "tracking"}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -34,10 +34,14 @@ def write_text_atomic(p: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
         tmp.rename(target)  # GCS: copy + delete; readers never see a partial object
         return
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
     os.replace(tmp, target)
 
 

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from tpt_jax.config import TptError
+from tpt_jax.errors import disk_full_as_error, quiet_disk_full
 
 COMMANDS = {
     "run": ("tpt_jax.cli.run", "run rounds of Think -> Prune -> Train -> Eval (resumable)"),
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         _resolve_hub_args(chosen, args)
-        result = args.func(args)
+        quiet_disk_full()  # reported below, in one line
+        with disk_full_as_error():
+            result = args.func(args)
         return int(result or 0)
     except TptError as e:
         print(f"tpt {chosen or ''}: error: {e}".replace("  ", " "), file=sys.stderr)

@@ -25,6 +25,7 @@ import logging
 from tpt_jax import io
 from tpt_jax.config import RunConfig, round_config
 from tpt_jax.config_io import to_dict
+from tpt_jax.errors import disk_full_as_error
 from tpt_jax.loop import report
 from tpt_jax.loop import round_stages as st
 from tpt_jax.loop.rundir import RunDir, check_output
@@ -41,7 +42,7 @@ def run(cfg: RunConfig, out_dir: str, force: bool = False, progress: bool = True
     check_output(out_dir, cfg, force)  # a refused start writes nothing:
     count0, seconds0 = report.compiles()
     s = setup(cfg, progress)  # everything is checked before the run directory is touched
-    with RunDir(out_dir, cfg, force) as rd:
+    with disk_full_as_error(out_dir), RunDir(out_dir, cfg, force) as rd:
         tracker = Tracker(out_dir, cfg.tracking, config=to_dict(cfg))
         try:
             metrics = run_rounds(s, rd, tracker)

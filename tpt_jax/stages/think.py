@@ -151,8 +151,13 @@ def _check_manifest(out_dir: str, want: dict, extra: Optional[dict] = None) -> N
     """Refuse a folder made with other settings; write the manifest (with `extra`, counts that
     are not compared) when there is none."""
     path = tio.path(out_dir) / MANIFEST
+    have = None
     if path.exists():
-        have = tio.read_json(path)
+        try:
+            have = tio.read_json(path)
+        except TptError as e:  # damaged: the shards are still checked one by one
+            log.info("think: %s; writing it again with this run's settings", e)
+    if have is not None:
         diff = [k for k in want if have.get(k) != want[k]]
         if diff:
             k = diff[0]
@@ -228,11 +233,16 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
               for a in range(0, len(questions), cfg.shard_size)]
     # the questions that get samples, per shard (a skipped long prompt gets none)
     shards = [[i for i in shard if encoded[i] is not None] for shard in shards]
-    done = [False] * len(shards)
+    reused: dict[int, list[dict]] = {}
     if out_dir is not None:
         _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops), long_info)
         _remove_partial_shards(out_dir)
-        done = _done_shards(out_dir, len(shards))
+        for k, exists in enumerate(_done_shards(out_dir, len(shards))):
+            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], cfg.n) \
+                if exists else None
+            if recs is not None:
+                reused[k] = recs
+    done = [k in reused for k in range(len(shards))]
     if any(shard and not d for shard, d in zip(shards, done)):
         if sampler is None:
             sampler = make_sampler(model, tokenizer, cfg, mesh)
@@ -248,9 +258,7 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     try:
         for k, (shard, is_done) in enumerate(zip(shards, done)):
             if is_done:
-                recs = [r for _, r in tio.read_jsonl(tio.path(out_dir) / shard_name(k))]
-                _check_shard(recs, [questions[i]["id"] for i in shard], cfg.n, out_dir, k)
-                records += recs
+                records += reused[k]
                 continue
             outs = complete(sampler, tokenizer, [texts[i] for i in shard],
                             [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
@@ -276,9 +284,20 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     return records
 
 
-def _check_shard(recs: list[dict], ids: list, n: int, out_dir: str, k: int) -> None:
+def _read_shard(out_dir: str, k: int, ids: list, n: int) -> Optional[list[dict]]:
+    """A finished shard's records, or None when it is damaged (cut, garbage, empty, or not
+    exactly samples 0..n-1 of its questions): it is then sampled again, to the same records."""
+    where = tio.path(out_dir) / shard_name(k)
+    try:
+        recs = [r for _, r in tio.read_jsonl(where)]
+    except TptError as e:
+        log.info("think: %s; sampling that shard again", e)
+        return None
     want = {(i, j) for i in ids for j in range(n)}
     have = [(r.get("id"), r.get("sample")) for r in recs]
     if len(have) != len(want) or set(have) != want:
-        raise TptError(f"{out_dir}/{shard_name(k)} does not hold exactly samples 0..{n - 1} of "
-                       f"its {len(ids)} questions; delete it to regenerate")
+        log.info("think: %s does not hold exactly samples 0..%d of its %d questions; sampling "
+                 "it again", where, n - 1, len(ids))
+        return None
+    return recs
+
