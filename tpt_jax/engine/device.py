@@ -2,10 +2,10 @@
 layout, the decode cache, the prompt store and the slot state, and the compiled programs.
 
 `Device` implements `contract.SlotDevice` for the scheduler (prefill / insert / decode /
-read) and runs static batches for the reference path. Its buffers are donated to each program
-and kept between calls while their shapes stay, so a run allocates its caches once. Rows are
-data-parallel and heads tensor-parallel through the sampling rules; what the host reads is
-replicated, so every host takes the same decisions.
+read / release) and runs static batches for the reference path. Its buffers are donated to
+each program and kept between calls while their shapes stay, so a run allocates its caches
+once. Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
+host reads is replicated, so every host takes the same decisions.
 """
 from __future__ import annotations
 
@@ -175,6 +175,12 @@ class Device:
                                                 for x in out)
         return Chunk(int(steps), done, drawn, stopped, tokens, logits)
 
+    def release(self, slots: list[int]) -> None:
+        mask = np.zeros(self.slots, bool)
+        mask[slots] = True
+        with self.rules_context():
+            self.state = self.programs["release"](self.state, self.put(mask, ("act_batch",)))
+
     def warm_up(self, buckets) -> None:
         """Compile prefill (every bucket and size), insert and chunk for the current call's
         setting; the buffers change only where nothing is inserted."""
@@ -185,6 +191,7 @@ class Device:
                     x = self.put(np.zeros((size, b), np.int32), ("act_batch", None))
                     self.store = self.programs["prefill"](self.params, self.store, x, x, none)
         self.insert([], [])
+        self.release([])
         self.read(self.decode(1))  # every slot is empty: no step runs
 
     # -- static batches (the reference)
