@@ -187,6 +187,12 @@ def test_early_stop_keeps_what_prune_keeps(setup, tmp_path, monkeypatch, strateg
     assert T.read_samples(str(tmp_path)) == early
     assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
                             progress=False, prune=pcfg)
+    from tpt_jax.engine import Sampler
+    real = Sampler.generate  # static batches draw every sample and cut the same records
+    monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k,
+                                                                        static=True))
+    assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
+                            progress=False, prune=pcfg)
     assert len(early) < len(full)
     assert all(r in full for r in early)
     assert prune.prune_records(qs, early, pcfg)[0] == prune.prune_records(qs, full, pcfg)[0]

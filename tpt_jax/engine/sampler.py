@@ -7,7 +7,7 @@ slot whose row ends takes the next waiting sample at once) and drives the device
 (`device.Device`) through the narrow contract of `contract.py`. `static=True` runs static
 batches instead (`static.py`), the reference the tests compare against. A sample's tokens
 depend only on (seed, question id, sample index), never on its slot, when it started or what
-else ran.
+else ran, so cancelling some (early stop, `samples_needed`) never changes the others.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ class Sampler:
         same (seed, id, sample) gives the same tokens in any slot, order or batch.
         `max_new_tokens` (one per prompt, each 1..sampling.max_new_tokens) gives prompts their
         own token limits. `stop_tokens` (token sequences) replace the sampler's default stop
-        sequences for this call. `progress(k)` is called as k more samples finish.
+        sequences for this call. `progress(k)` is called as k more samples finish (or are
+        cancelled).
         `return_logits` (tests) also returns each step's logits. `static` runs static batches
         (the reference). `longest_first=False` starts requests in the given order even when
         their limits differ.

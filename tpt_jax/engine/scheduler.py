@@ -12,11 +12,12 @@ previous chunk's finished rows into results. Every host takes the same decisions
 same replicated outputs.
 
 Early stop (`by_sample=True`): requests run sample-major (every prompt's sample 0 before any
-sample 1), so a prompt's early samples finish before its later ones start, and between
-yields the caller may `cancel` a prompt's samples from some index on: waiting requests are
-dropped, running rows are freed at the next host check (the device marks them done unless a
-new request takes the slot). A prefill then serves one sample (prompts are prefilled again
-for each pass) unless every prompt fits in the store at once.
+sample 1), and a prompt's next sample waits while an earlier one is undecided (running, or
+finished but not yet seen by the caller) as long as another prompt's request can start
+instead; between yields the caller may `cancel` a prompt's samples from some index on:
+waiting requests are dropped, running rows are freed at the next host check (the device
+marks them done unless a new request takes the slot). A prefill then serves one sample
+(prompts are prefilled again for each pass) unless every prompt fits in the store at once.
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ class Scheduler:
                  order: Sequence[int], refill_at: int, stats: Stats, by_sample: bool = False):
         self.device, self.prompts, self.n = device, list(prompts), n
         self.refill_at, self.stats = refill_at, stats
+        # the waiting requests, in order (cancelled ones are dropped at the next admit)
         self.queue = ([Request(i, j) for j in range(n) for i in order] if by_sample else
                       [Request(i, j) for i in order for j in range(n)])
+        self.by_sample = by_sample
         # samples one prefill serves: all n, unless sample-major order outgrows the store
         self.visit = 1 if by_sample and len(self.prompts) > device.entries else n
-        self.next = 0  # index of the next request to start
+        self.undecided = [0] * len(self.prompts)  # samples running or not yet seen by the caller
         self.held: list = [None] * device.slots  # the request each slot holds
         self.entry_of: dict[int, int] = {}  # prompt -> its store entry
         self.left = [0] * device.entries  # samples an entry still serves
@@ -69,9 +72,6 @@ class Scheduler:
         """Waiting, uncancelled requests of `prompt`."""
         return max(0, self.cut[prompt] - self.begun[prompt])
 
-    def is_cut(self, k: int) -> bool:
-        return self.queue[k].sample >= self.cut[self.queue[k].prompt]
-
     # -- the loop
 
     def run(self) -> Iterator[list[Finished]]:
@@ -89,6 +89,8 @@ class Scheduler:
             handle = self.device.decode(self.min_exit())
             if finished:
                 yield finished  # the caller works while the chunk runs
+                for f in finished:
+                    self.undecided[f.request.prompt] -= 1
             finished = self.finished_rows(self.device.read(handle))
         if finished:
             yield finished
@@ -106,6 +108,7 @@ class Scheduler:
         self.stats.host_checks += 1
         rows = []
         for r in sorted(self.dropping):
+            self.undecided[self.held[r].prompt] -= 1
             self.stats.cancelled += 1
             self.stats.cancelled_tokens += int(chunk.drawn[r])
             self.stats.tokens += int(chunk.drawn[r])
@@ -125,29 +128,37 @@ class Scheduler:
     # -- starting requests
 
     def admit(self, free: list) -> bool:
-        """Start waiting requests in free slots (prefilling the prompts they need first);
-        False when nothing could start."""
-        starts, need = [], []
-        while free and self.waiting:
-            if self.is_cut(self.next):
-                self.next += 1
-                continue
-            request = self.queue[self.next]
+        """Start waiting requests in free slots (prefilling the prompts they need first): the
+        ready ones (`start_order`), or when none can start, the others; False when nothing
+        could start."""
+        self.queue = [r for r in self.queue if r.sample < self.cut[r.prompt]]
+        ready, rest = self.start_order()
+        return self.start(ready, free) or self.start(rest, free)
+
+    def start(self, indices: list[int], free: list) -> bool:
+        """Start the queue's requests at `indices`, in turn, while slots and entries last."""
+        starts, need, taken = [], [], set()
+        for k in indices:
+            if not free:
+                break
+            request = self.queue[k]
             e = self.entry_of.get(request.prompt)
             if e is not None and not self.left[e]:  # spent in this admit, still held: reuse
                 self.left[e] = min(self.visit, self.live(request.prompt))
             if e is None:
                 if not self.free_entries:
-                    break
+                    continue  # nor can its later samples: they need the same entry
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
             starts.append(Start(free.pop(0), self.entry_of[request.prompt], request))
             self.left[self.entry_of[request.prompt]] -= 1
             self.begun[request.prompt] += 1
+            self.undecided[request.prompt] += 1
             self.waiting -= 1
-            self.next += 1
+            taken.add(k)
         if not starts:
             return False
+        self.queue = [r for k, r in enumerate(self.queue) if k not in taken]
         if need:
             need += self.spare_prefill_rows(need)
             for bucket in dict.fromkeys(self.prompts[i].bucket for i in need):
@@ -163,6 +174,18 @@ class Scheduler:
         self.stats.decode_steps += 1  # the step that drew the first tokens
         return True
 
+    def start_order(self) -> tuple[list[int], list[int]]:
+        """Queue indices of the requests ready to start, and of the rest: all are ready in
+        prompt-major order; by sample, a prompt's lowest waiting sample is ready while none of
+        its samples is undecided (the others start only so that slots do not idle)."""
+        if not self.by_sample:
+            return list(range(len(self.queue))), []
+        ready, rest, seen = [], [], set()
+        for k, r in enumerate(self.queue):
+            (rest if self.undecided[r.prompt] or r.prompt in seen else ready).append(k)
+            seen.add(r.prompt)
+        return ready, rest
+
     def open_entry(self, prompt: int) -> None:
         self.entry_of[prompt] = e = self.free_entries.popleft()
         self.left[e] = min(self.visit, self.live(prompt))
@@ -177,11 +200,12 @@ class Scheduler:
         count = sum(self.prompts[i].bucket == bucket for i in need)
         sizes = self.device.prefill_sizes
         size = next(s for s in sizes if s >= min(count, self.device.entries))
-        extra, k = [], self.next
-        while k < len(self.queue) and self.free_entries and count < size:
-            i = self.queue[k].prompt
-            k += 1
-            if i in self.entry_of or self.is_cut(k - 1):
+        extra = []
+        for request in self.queue:
+            if not (self.free_entries and count < size):
+                break
+            i = request.prompt
+            if i in self.entry_of:
                 continue
             if self.prompts[i].bucket != bucket:
                 break
