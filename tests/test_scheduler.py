@@ -25,6 +25,7 @@ class FakeDevice:
         self.rows: list = [None] * slots  # (request, length, drawn) per slot
         self.start_order: list = []
         self.prefill_calls = 0
+        self.prefilled: list = []  # prompts, once per prefill
         self.cancelled: set = set()  # requests the test cancelled
         self.freed: set = set()  # slots of cancelled rows the last read freed
 
@@ -32,6 +33,7 @@ class FakeDevice:
         assert 1 <= len(batch) <= self.entries and len({p.bucket for _, p in batch}) == 1
         for entry, prompt in batch:
             self.store[entry] = prompt.id_hash
+            self.prefilled.append(prompt.id_hash)
         self.prefill_calls += 1
 
     def insert(self, starts, prompts):
@@ -130,6 +132,7 @@ def run_cancelling(slots, n, limits, refill_at, needed):
     caller cancels the rest once samples 0..needed[i]-1 have all finished."""
     prompts = [Prompt((2, 3), 8, i, lim) for i, lim in enumerate(limits)]
     device = FakeDevice(slots, n, max(limits))
+    device.entries, device.prefill_sizes = 2 * slots, prefill_sizes(2 * slots)  # Device.begin
     stats = Stats(slots=slots)
     scheduler = Scheduler(device, prompts, n, list(range(len(prompts))), refill_at, stats,
                           by_sample=True)
@@ -166,10 +169,11 @@ def test_cancelled_samples_stop(slots, n, refill_at, limits, data):
 def test_early_stop_draws_only_what_is_needed():
     """Half the prompts need only their first sample: sample-major order, with a prompt's
     next sample waiting until its earlier ones are decided while other prompts can start,
-    draws exactly the needed samples here (one prompt store entry, 4 slots)."""
+    draws exactly the needed samples here, and prefills each prompt once."""
     limits, n = [12] * 16, 4
     needed = [1 if i % 2 else n for i in range(16)]
-    _, stopped, got = run_cancelling(4, n, limits, 2, needed)
+    device, stopped, got = run_cancelling(4, n, limits, 2, needed)
     _, full, _ = run(4, n, limits, [8] * 16, 2)
+    assert sorted(device.prefilled) == list(range(16))
     assert len(got) == sum(needed) and stopped.cancelled == 0
     assert stopped.tokens == sum(length_of(i, j, 12) for i, j in got) < 0.7 * full.tokens

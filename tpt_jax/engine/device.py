@@ -114,12 +114,14 @@ class Device:
 
     # -- continuous batching (contract.SlotDevice)
 
-    def begin(self, prog: PR.Program, n: int, seed: int) -> None:
+    def begin(self, prog: PR.Program, n: int, seed: int, by_sample: bool = False) -> None:
         """Decode cache, prompt store (as many entries as a static batch has prompts: the
-        static path's prefill cache) and fresh slots for a call with n samples per prompt."""
+        static path's prefill cache; twice as many as slots for sample-major order, whose
+        prompts stay while their later samples wait for a verdict) and fresh slots for a call
+        with n samples per prompt."""
         R = self.slots
         self.prog, self.seed = prog, jnp.asarray(seed, jnp.int32)
-        self.entries = max(1, R // min(n, R))
+        self.entries = 2 * R if by_sample else max(1, R // min(n, R))
         self.prefill_sizes = prefill_sizes(self.entries)
         self.cache = self.decode_cache(R, self.cache_length(prog.sampling.max_new_tokens))
         self.store = self._buffer("store", (self.entries, self.max_bucket), functools.partial(

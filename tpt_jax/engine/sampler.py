@@ -211,7 +211,7 @@ class Sampler:
             yield from run_static(self.device, work, n, prog, seed, self.stats)
             return
         order = sorted(range(len(work)), key=lambda i: -work[i].limit if longest_first else 0)
-        self.device.begin(prog, n, seed)
+        self.device.begin(prog, n, seed, by_sample)
         try:
             scheduler = Scheduler(self.device, work, n, order, self.refill_at, self.stats,
                                   by_sample)

@@ -16,8 +16,9 @@ sample 1), and a prompt's next sample waits while an earlier one is undecided (r
 finished but not yet seen by the caller) as long as another prompt's request can start
 instead; between yields the caller may `cancel` a prompt's samples from some index on:
 waiting requests are dropped, running rows are freed at the next host check (the device
-marks them done unless a new request takes the slot). A prefill then serves one sample
-(prompts are prefilled again for each pass) unless every prompt fits in the store at once.
+marks them done unless a new request takes the slot). A prompt is prefilled once either way:
+its store entry is held until all its samples have started or been cancelled (with early
+stop the store holds twice as many prompts as there are slots, `device.Device.begin`).
 """
 from __future__ import annotations
 
@@ -39,12 +40,10 @@ class Scheduler:
         self.queue = ([Request(i, j) for j in range(n) for i in order] if by_sample else
                       [Request(i, j) for i in order for j in range(n)])
         self.by_sample = by_sample
-        # samples one prefill serves: all n, unless sample-major order outgrows the store
-        self.visit = 1 if by_sample and len(self.prompts) > device.entries else n
         self.undecided = [0] * len(self.prompts)  # samples running or not yet seen by the caller
         self.held: list = [None] * device.slots  # the request each slot holds
         self.entry_of: dict[int, int] = {}  # prompt -> its store entry
-        self.left = [0] * device.entries  # samples an entry still serves
+        self.left = [0] * device.entries  # samples of an entry's prompt still waiting
         self.free_entries = collections.deque(range(device.entries))
         self.begun = [0] * len(self.prompts)  # samples started per prompt (they start in order)
         self.cut = [n] * len(self.prompts)  # per prompt: samples from this index are cancelled
@@ -142,10 +141,7 @@ class Scheduler:
             if not free:
                 break
             request = self.queue[k]
-            e = self.entry_of.get(request.prompt)
-            if e is not None and not self.left[e]:  # spent in this admit, still held: reuse
-                self.left[e] = min(self.visit, self.live(request.prompt))
-            if e is None:
+            if request.prompt not in self.entry_of:
                 if not self.free_entries:
                     continue  # nor can its later samples: they need the same entry
                 self.open_entry(request.prompt)
@@ -168,7 +164,7 @@ class Scheduler:
         self.device.insert(starts, self.prompts)
         for s in starts:
             self.held[s.slot] = s.request
-            i = s.request.prompt  # an entry that has served all its samples is free
+            i = s.request.prompt  # an entry whose prompt has no sample waiting is free
             if self.left[s.entry] == 0 and self.entry_of.get(i) == s.entry:
                 self.close_entry(i)
         self.stats.decode_steps += 1  # the step that drew the first tokens
@@ -188,7 +184,7 @@ class Scheduler:
 
     def open_entry(self, prompt: int) -> None:
         self.entry_of[prompt] = e = self.free_entries.popleft()
-        self.left[e] = min(self.visit, self.live(prompt))
+        self.left[e] = self.live(prompt)
 
     def close_entry(self, prompt: int) -> None:
         self.free_entries.append(self.entry_of.pop(prompt))
