@@ -13,6 +13,7 @@ import time
 
 from tpt_jax import io
 from tpt_jax.config import load_run_config, round_config
+from tpt_jax.engine import programs
 from tpt_jax.gemma import sharding, weights
 from tpt_jax.loop import round_stages as st
 from tpt_jax.loop.setup import setup
@@ -26,6 +27,7 @@ def think_once(s, rc, r, params, stop: bool, questions) -> dict:
     calls = []
     generate = sampler.generate
     sampler.generate = lambda *a, **k: (generate(*a, **k), calls.append(sampler.stats))[0]
+    traces = sum(programs.TRACE_COUNT.values())
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         recs = think.think(params, s.model, s.tokenizer, questions, cfg, d, s.mesh,
@@ -38,7 +40,8 @@ def think_once(s, rc, r, params, stop: bool, questions) -> dict:
     return {"think_s": round(wall, 2), "tokens": tokens, "samples": len(recs),
             "prefills": sum(c.prefills for c in calls),
             "host_checks": sum(c.host_checks for c in calls),
-            "decode_steps": sum(c.decode_steps for c in calls), "kept": kept}
+            "decode_steps": sum(c.decode_steps for c in calls), "kept": kept,
+            "compiles": sum(programs.TRACE_COUNT.values()) - traces}
 
 
 def main(run: str) -> None:
@@ -51,7 +54,7 @@ def main(run: str) -> None:
                                      sharding.TRAIN_RULES)
         if r == 1:  # compile both settings' programs before anything is timed
             for stop in (False, True):
-                think_once(s, rc, r, params, stop, s.train_questions[:300])
+                think_once(s, rc, r, params, stop, s.train_questions[:1000])
         off, on = (think_once(s, rc, r, params, stop, s.train_questions)
                    for stop in (False, True))
         with tempfile.TemporaryDirectory() as d:
@@ -62,7 +65,7 @@ def main(run: str) -> None:
                "tokens_saved": round(1 - on["tokens"] / off["tokens"], 4),
                **{f"{k}_{name}": v[k] for name, v in (("off", off), ("on", on))
                   for k in ("tokens", "samples", "think_s", "prefills", "host_checks",
-                            "decode_steps")}}
+                            "decode_steps", "compiles")}}
         print(json.dumps(row), flush=True)
         rows.append(row)
 
