@@ -1,7 +1,8 @@
 """Think with and without exact early stop (think.stop_when_selected), back to back in one
 process, on the models that sampled rounds 1..3 of a finished CPU-default run (`tpt run
---output RUN`): decoded tokens, prefills, host checks and Think wall time per round, and
-whether Prune's training examples are byte-identical to the run's rNN/train.jsonl.
+--output RUN`): decoded tokens, prefills, host checks and Think wall time per round (each
+setting twice, in the order off, on, on, off), and whether Prune's training
+examples are byte-identical to the run's rNN/train.jsonl.
 
     PYTHONPATH=. python docs/early_stop.py RUN
 """
@@ -47,16 +48,18 @@ def think_once(s, rc, r, params, stop: bool, questions) -> dict:
 def main(run: str) -> None:
     cfg = load_run_config(None, [])
     s = setup(cfg, progress=False)
-    rows = []
     for r in range(1, cfg.rounds + 1):
         rc = round_config(cfg, r)
         params = weights.load_params(f"{run}/{st.tag(r - 1)}/params", s.model, s.mesh,
                                      sharding.TRAIN_RULES)
         if r == 1:  # compile both settings' programs before anything is timed
             for stop in (False, True):
-                think_once(s, rc, r, params, stop, s.train_questions[:1000])
-        off, on = (think_once(s, rc, r, params, stop, s.train_questions)
-                   for stop in (False, True))
+                think_once(s, rc, r, params, stop, s.train_questions)
+        off, on, on2, off2 = (think_once(s, rc, r, params, stop, s.train_questions)
+                              for stop in (False, True, True, False))
+        for a, b in ((off, off2), (on, on2)):
+            a["think_s"] = [a["think_s"], b["think_s"]]
+            a["compiles"] += b["compiles"]
         with tempfile.TemporaryDirectory() as d:
             io.write_jsonl_atomic(f"{d}/train.jsonl", on["kept"])
             same = (open(f"{d}/train.jsonl", "rb").read()
@@ -67,7 +70,6 @@ def main(run: str) -> None:
                   for k in ("tokens", "samples", "think_s", "prefills", "host_checks",
                             "decode_steps", "compiles")}}
         print(json.dumps(row), flush=True)
-        rows.append(row)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class Scheduler:
         # the waiting requests, in order (cancelled ones are dropped at the next admit)
         self.queue = ([Request(i, j) for j in range(n) for i in order] if by_sample else
                       [Request(i, j) for i in order for j in range(n)])
+        self.recut = False  # cancellations since the last admit
         self.by_sample = by_sample
         self.undecided = [0] * len(self.prompts)  # samples running or not yet seen by the caller
         self.held: list = [None] * device.slots  # the request each slot holds
@@ -58,6 +59,7 @@ class Scheduler:
         if start >= old:
             return
         self.cut[prompt] = start
+        self.recut = True
         self.waiting -= max(0, old - max(start, self.begun[prompt]))
         self.dropping.update(r for r, h in enumerate(self.held)
                              if h is not None and h.prompt == prompt and h.sample >= start)
@@ -130,19 +132,23 @@ class Scheduler:
         """Start waiting requests in free slots (prefilling the prompts they need first): the
         ready ones (`start_order`), or when none can start, the others; False when nothing
         could start."""
-        self.queue = [r for r in self.queue if r.sample < self.cut[r.prompt]]
+        if self.recut:
+            self.queue = [r for r in self.queue if r.sample < self.cut[r.prompt]]
+            self.recut = False
         ready, rest = self.start_order()
         return self.start(ready, free) or self.start(rest, free)
 
     def start(self, indices: list[int], free: list) -> bool:
         """Start the queue's requests at `indices`, in turn, while slots and entries last."""
-        starts, need, taken = [], [], set()
+        starts, need, taken = [], [], []
         for k in indices:
             if not free:
                 break
             request = self.queue[k]
             if request.prompt not in self.entry_of:
                 if not self.free_entries:
+                    if not self.by_sample:
+                        break  # in queue order no later prompt has an entry either
                     continue  # nor can its later samples: they need the same entry
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
@@ -151,10 +157,11 @@ class Scheduler:
             self.begun[request.prompt] += 1
             self.undecided[request.prompt] += 1
             self.waiting -= 1
-            taken.add(k)
+            taken.append(k)
         if not starts:
             return False
-        self.queue = [r for k, r in enumerate(self.queue) if k not in taken]
+        for k in sorted(taken, reverse=True):
+            del self.queue[k]
         if need:
             need += self.spare_prefill_rows(need)
             for bucket in dict.fromkeys(self.prompts[i].bucket for i in need):

@@ -327,7 +327,7 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                  f"; decode slots busy {used / offered:.0%}" if offered else "")
         if cap is not None:
             log.info("think: early stop (prune.strategy %s) left %d of %d samples undrawn, "
-                     "%d of them after they had started", prune.strategy,
+                     "%d of them cancelled after they had started", prune.strategy,
                      total - len(records), total, skipped)
     return records
 
