@@ -21,6 +21,7 @@ compiled programs come from a JAX persistent compilation cache shared with the r
 kill also has a backstop at the end of its stage, since a random kill may already have passed
 the next point).
 """
+import collections
 import json
 import os
 import random
@@ -274,8 +275,11 @@ def test_killed_run_ends_like_an_uninterrupted_one(reference):
                 continue
             recs = _samples(out / tag / folder)
             keys = [(r["id"], r["sample"]) for r in recs]
-            assert len(keys) == len(set(keys)) == n * questions, f"{tag}/{folder}"
-            assert {j for _, j in keys} == set(range(n))
+            # samples 0..m-1 of each question, m <= n (Think's early stop ends some at m < n)
+            drawn = collections.Counter(i for i, _ in keys)
+            assert len(keys) == len(set(keys)) and len(drawn) == questions, f"{tag}/{folder}"
+            assert set(keys) == {(i, j) for i, m in drawn.items() for j in range(m)}
+            assert max(drawn.values()) <= n and (folder != "eval/greedy" or len(keys) == 16)
             assert recs == _samples(ref / tag / folder), f"{tag}/{folder}"
     # killed writes leave no file that a reader would take for an artifact
     assert not list(out.rglob("*.orbax-checkpoint-tmp*"))

@@ -259,3 +259,19 @@ def test_gsm8k_gold_solutions_are_kept_and_calculator_checked(split, capsys):
               f"{len(failures)}: {failures[:50]}")
     assert len(failures) <= 0.01 * len(ds)
     assert stats["false_positive"]["calculator_wrong"] == len(failures)
+
+
+def test_stop_rule_waits_for_every_earlier_sample():
+    """Think's early stop: a question is settled once samples 0..m-1 have all finished with k
+    candidates among them, whatever order they finish in; no gold answer, no stop."""
+    from tpt_jax.stages.prune import StopRule, stop_cap
+    rule = StopRule(PruneConfig(strategy="max-k", max_per_question=2), 2, ["1", None])
+    ok = {"completion": "So the answer is 1.", "finish": "stop", "tokens": 5}
+    wrong, cut = {**ok, "completion": "So the answer is 2."}, {**ok, "finish": "length"}
+    assert rule.needed(0, 3, ok) is None  # samples 0..2 have not finished
+    assert rule.needed(0, 0, ok) is None
+    assert rule.needed(0, 2, cut) is None  # unfinished: not a candidate; sample 1 missing
+    assert rule.needed(0, 1, wrong) == 4
+    assert rule.needed(1, 0, ok) is None
+    assert stop_cap(PruneConfig(strategy="first-correct+dedup-text"))[0] is None
+    assert stop_cap(PruneConfig(strategy="all-correct", max_per_question=3))[0] == 3

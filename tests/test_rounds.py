@@ -51,12 +51,18 @@ def test_two_rounds_artifacts_schema_and_resume(tmp_path, caplog):
     for tag in ("r01", "r02"):
         samples = [json.loads(line) for f in sorted((out / tag / "samples").glob("samples-*.jsonl"))
                    for line in f.read_text().splitlines()]
-        assert len(samples) == 24 * 2
+        # early stop (first-correct): each question has samples 0..m-1, m <= 2
+        per_q = {i: max(s["sample"] for s in samples if s["id"] == i) + 1
+                 for i in {s["id"] for s in samples}}
         assert {(s["id"], s["sample"]) for s in samples} == {
-            (f"synthetic-train-{i:05d}", j) for i in range(24) for j in range(2)}
+            (f"synthetic-train-{i:05d}", j) for i in range(24)
+            for j in range(per_q[f"synthetic-train-{i:05d}"])}
+        assert len(samples) == sum(per_q.values())
         assert set(samples[0]) >= {"id", "sample", "source", "prompt", "completion", "finish",
                                    "tokens"}
         stats = json.loads((out / tag / "prune_stats.json").read_text())
+        assert stats["early_stop"]["samples_not_drawn"] == 24 * 2 - len(samples)
+        assert saved[int(tag[1:])]["think_tokens"] >= sum(s["tokens"] for s in samples) > 0
         kept = [json.loads(line) for line in (out / tag / "train.jsonl").read_text().splitlines()]
         assert stats["counts"]["kept"] == len(kept) == saved[int(tag[1:])]["train_examples"]
         assert saved[int(tag[1:])]["coverage"] == stats["metrics"]["coverage"]

@@ -4,7 +4,7 @@ they finish. The fake checks the contract on every call."""
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from tpt_jax.engine.contract import Chunk, Prompt, Stats
+from tpt_jax.engine.contract import Chunk, Prompt, Request, Stats
 from tpt_jax.engine.device import prefill_sizes
 from tpt_jax.engine.scheduler import Scheduler
 
@@ -22,34 +22,41 @@ class FakeDevice:
         self.entries = max(1, slots // min(n, slots))
         self.prefill_sizes = prefill_sizes(self.entries)
         self.store: dict[int, int] = {}  # entry -> prompt it holds
-        self.started: dict[int, int] = {}  # prompt -> samples started from its current entry
         self.rows: list = [None] * slots  # (request, length, drawn) per slot
         self.start_order: list = []
         self.prefill_calls = 0
+        self.prefilled: list = []  # prompts, once per prefill
+        self.cancelled: set = set()  # requests the test cancelled
+        self.freed: set = set()  # slots of cancelled rows the last read freed
 
     def prefill(self, batch):
         assert 1 <= len(batch) <= self.entries and len({p.bucket for _, p in batch}) == 1
         for entry, prompt in batch:
-            old = self.store.get(entry)
-            # an entry is overwritten only once every sample of its prompt has started
-            assert old is None or self.started.get(old, self.n) == self.n, (entry, old)
             self.store[entry] = prompt.id_hash
-            self.started[prompt.id_hash] = 0
+            self.prefilled.append(prompt.id_hash)
         self.prefill_calls += 1
 
     def insert(self, starts, prompts):
         assert len({s.slot for s in starts}) == len(starts)
         for s in starts:
-            assert self.rows[s.slot] is None, f"slot {s.slot} is busy"
+            assert self.rows[s.slot] is None or s.slot in self.freed, f"slot {s.slot} is busy"
+            self.freed.discard(s.slot)
+            assert s.request not in self.cancelled, "a cancelled request started"
             p = prompts[s.request.prompt]
             assert self.store.get(s.entry) == p.id_hash, "entry does not hold the prompt"
-            self.started[p.id_hash] += 1
             length = p.limit if self.to_limit else length_of(s.request.prompt,
                                                               s.request.sample, p.limit)
             self.rows[s.slot] = [s.request, length, 1]  # the first token drawn
             self.start_order.append(s.request)
 
+    def release(self, slots):
+        for k in slots:
+            assert k in self.freed, f"slot {k} released but not cancelled"
+            self.freed.discard(k)
+            self.rows[k] = None
+
     def decode(self, min_exit):
+        assert not self.freed, "a cancelled row is still decoded after the host check"
         steps, finished = 0, 0
         live = lambda: [r for r in self.rows if r is not None and r[2] < r[1]]
         while live() and finished < min_exit and steps < 256:
@@ -68,6 +75,8 @@ class FakeDevice:
                 tokens[k, :r[2]] = 1000 * r[0].prompt + r[0].sample
         for k in np.flatnonzero(done):
             self.rows[k] = None
+        self.freed = {k for k, r in enumerate(self.rows) if r is not None and
+                      r[0] in self.cancelled}
         return Chunk(steps, done, drawn, np.zeros(self.slots, bool), tokens)
 
 
@@ -116,3 +125,55 @@ def test_given_order_is_the_start_order():
     device, _, _ = run(3, 2, [5, 5, 5, 5], [8, 16, 8, 32], refill_at=1, order=[3, 1, 0, 2])
     assert [r.prompt for r in device.start_order] == [3, 3, 1, 1, 0, 0, 2, 2]
 
+
+
+def run_cancelling(slots, n, limits, refill_at, needed):
+    """Sample-major with early stop: prompt i needs needed[i] samples; like the Sampler, the
+    caller cancels the rest once samples 0..needed[i]-1 have all finished."""
+    prompts = [Prompt((2, 3), 8, i, lim) for i, lim in enumerate(limits)]
+    device = FakeDevice(slots, n, max(limits))
+    device.entries, device.prefill_sizes = 2 * slots, prefill_sizes(2 * slots)  # Device.begin
+    stats = Stats(slots=slots)
+    scheduler = Scheduler(device, prompts, n, list(range(len(prompts))), refill_at, stats,
+                          by_sample=True)
+    have, got = [set() for _ in prompts], []
+    for batch in scheduler.run():
+        for f in batch:
+            i, j = f.request.prompt, f.request.sample
+            got.append((i, j))
+            have[i].add(j)
+            if j < needed[i] and have[i] >= set(range(needed[i])):
+                device.cancelled |= {Request(i, k) for k in range(needed[i], n)}
+                scheduler.cancel(i, needed[i])
+    return device, stats, got
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 9), n=st.integers(1, 5), refill_at=st.integers(1, 9),
+       limits=st.lists(st.integers(1, 12), min_size=1, max_size=14), data=st.data())
+def test_cancelled_samples_stop(slots, n, refill_at, limits, data):
+    """Every needed sample finishes once; a cancelled one never starts after its cancellation
+    and its running row stops at the next host check (the fake checks both); starts are
+    sample-major; every token drawn is counted."""
+    needed = data.draw(st.lists(st.integers(1, n), min_size=len(limits), max_size=len(limits)))
+    device, stats, got = run_cancelling(slots, n, limits, refill_at, needed)
+    kept = [(i, j) for i, j in got if j < needed[i]]
+    assert sorted(kept) == sorted((i, j) for i in range(len(limits)) for j in range(needed[i]))
+    for i in range(len(limits)):  # a prompt's samples start in order
+        started = [r.sample for r in device.start_order if r.prompt == i]
+        assert started == list(range(len(started)))
+    drawn = sum(length_of(i, j, limits[i]) for i, j in got)
+    assert stats.tokens == drawn + stats.cancelled_tokens
+
+
+def test_early_stop_draws_only_what_is_needed():
+    """Half the prompts need only their first sample: sample-major order, with a prompt's
+    next sample waiting until its earlier ones are decided while other prompts can start,
+    draws exactly the needed samples here, and prefills each prompt once."""
+    limits, n = [12] * 16, 4
+    needed = [1 if i % 2 else n for i in range(16)]
+    device, stopped, got = run_cancelling(4, n, limits, 2, needed)
+    _, full, _ = run(4, n, limits, [8] * 16, 2)
+    assert sorted(device.prefilled) == list(range(16))
+    assert len(got) == sum(needed) and stopped.cancelled == 0
+    assert stopped.tokens == sum(length_of(i, j, 12) for i, j in got) < 0.7 * full.tokens

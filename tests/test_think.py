@@ -36,7 +36,9 @@ def test_records_and_shards(setup, tmp_path):
         assert r["source"] == "tiny" and r["prompt"].startswith("Question: What is")
         assert r["finish"] in ("stop", "length") and 1 <= r["tokens"] <= 6
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["samples-00000.jsonl", "samples-00001.jsonl", "samples-00002.jsonl", "think.json"]
+    assert names == ["decoded.json", "samples-00000.jsonl", "samples-00001.jsonl",
+                     "samples-00002.jsonl", "think.json"]
+    assert T.decoded_tokens(str(tmp_path)) == sum(r["tokens"] for r in recs)
     assert T.read_samples(str(tmp_path)) == recs
     # no files: same records (the evaluation path)
     assert T.think(params, model, ByteTokenizer(), questions, CFG, None, template="plain",
@@ -145,3 +147,68 @@ def test_same_records_as_static_batches(setup, monkeypatch):
     monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k, static=True))
     assert [runs(c) for c in cfgs] == cont
     assert any(r["finish"] == "stop" for r in cont[1] + cont[2])
+
+
+@pytest.mark.parametrize("strategy,k", [("first-correct", None), ("max-k", 2)])
+def test_early_stop_keeps_what_prune_keeps(setup, tmp_path, monkeypatch, strategy, k):
+    """With Prune's rule, Think stops a question once its selection is settled: fewer samples,
+    each question a prefix of the full run's, the same training examples, and a run killed
+    after its first shard resumes to the same records."""
+    import dataclasses
+    from tpt_jax.config import PruneConfig
+    from tpt_jax.stages import prune
+    from tpt_jax.stages import answers
+    model, params, _ = setup
+    tok = ByteTokenizer()
+    # a random model: one byte in eight ends a completion, whose "answer" is its length mod 3
+    cfg = dataclasses.replace(CFG, n=4, max_new_tokens=12, batch_size=3,
+                              stop=[chr(c) for c in range(0, 256, 8)])
+    monkeypatch.setattr(answers, "extract_answer", lambda text, fallback=False:
+                        str(len(text) % 3))
+    qs = [{"id": f"q{i}", "question": f"Sum {i} and {2 * i}.", "answer": str(i % 3)}
+          for i in range(8)]
+    full = T.think(params, model, tok, qs, cfg, None, template="plain", progress=False)
+    pcfg = PruneConfig(strategy=strategy, max_per_question=k, max_examples=None)
+    real_write, writes = tio.write_jsonl_atomic, []
+
+    def dying_write(path, recs):
+        if writes:
+            raise KeyboardInterrupt  # killed while working on the second shard
+        writes.append(path)
+        return real_write(path, recs)
+
+    monkeypatch.setattr(tio, "write_jsonl_atomic", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        T.think(params, model, tok, qs, cfg, str(tmp_path), template="plain", progress=False,
+                prune=pcfg)
+    monkeypatch.setattr(tio, "write_jsonl_atomic", real_write)
+    early = T.think(params, model, tok, qs, cfg, str(tmp_path), template="plain",
+                    progress=False, prune=pcfg)
+    assert T.read_samples(str(tmp_path)) == early
+    assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
+                            progress=False, prune=pcfg)
+    from tpt_jax.engine import Sampler
+    real = Sampler.generate  # static batches draw every sample and cut the same records
+    monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k,
+                                                                        static=True))
+    assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
+                            progress=False, prune=pcfg)
+    assert len(early) < len(full)
+    assert all(r in full for r in early)
+    assert prune.prune_records(qs, early, pcfg)[0] == prune.prune_records(qs, full, pcfg)[0]
+    assert T.decoded_tokens(str(tmp_path)) < sum(r["tokens"] for r in full)
+    # a resume with other Prune settings is refused: its shards may lack samples it needs
+    with pytest.raises(TptError, match="stop_when_selected"):
+        T.think(params, model, tok, qs, cfg, str(tmp_path), template="plain", progress=False,
+                prune=dataclasses.replace(pcfg, strategy="max-k", max_per_question=3))
+
+
+def test_early_stop_off_for_strategies_needing_every_sample(caplog):
+    import logging
+    from tpt_jax.config import PruneConfig
+    caplog.set_level(logging.INFO, logger="tpt_jax.stages.think")
+    assert T.early_stop(CFG, PruneConfig(strategy="rft")) is None
+    assert "early stop is off: prune.strategy rft needs every sample" in caplog.text
+    assert T.early_stop(CFG, PruneConfig(strategy="max-k", max_per_question=3)) == 3
+    import dataclasses
+    assert T.early_stop(dataclasses.replace(CFG, stop_when_selected=False), PruneConfig()) is None

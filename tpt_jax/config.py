@@ -73,6 +73,10 @@ class ThinkConfig:
     # Prompts over max_prompt_tokens: "truncate" (keep BOS + the last tokens) or "skip" the
     # question; either way they are counted in the samples folder's think.json and logged.
     long_prompts: str = "truncate"
+    # Exact early stop (`tpt run`): a question's later samples are skipped once Prune's
+    # selection can no longer change (first-correct, max-k: k candidates at the lowest
+    # indices); off, with a log line, for strategies that need every sample (dedup, rft).
+    stop_when_selected: bool = True
 
 
 # Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +

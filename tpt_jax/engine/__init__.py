@@ -5,6 +5,8 @@ set of decode slots. Stage code uses the front door only:
     gens = sampler.generate(prompts, SamplingConfig(temperature=0.7, max_new_tokens=512), n=4,
                             ids=question_ids, seed=0)      # [prompt][sample] -> Generation
     sampler.update_params(new_params)                      # next round: same programs, buffers
+    sampler.generate(..., samples_needed=rule)             # early stop: rule(prompt, sample,
+                                                           # generation) -> samples it needs
 
 Inside, lowest first: `sampling` (settings, per-row keys), `cache` (KV cache layouts and
 shardings), `layout` (weights in the sampling layout, the forward over it), `programs` (the

@@ -68,8 +68,10 @@ class Finished:
 
 @dataclasses.dataclass
 class Stats:
-    """One generate call: decode slots, decode steps (each steps every slot), tokens drawn,
-    prefill calls and host checks (a round trip each)."""
+    """One generate call: decode slots, decode steps (each steps every slot), tokens drawn
+    (cancelled and discarded samples' included: the compute spent), prefill calls, host checks
+    (a round trip each), and samples cancelled after they started or discarded after they
+    finished, with the tokens they drew."""
 
     slots: int
     static: bool = False
@@ -77,6 +79,8 @@ class Stats:
     tokens: int = 0
     prefills: int = 0
     host_checks: int = 0
+    cancelled: int = 0
+    cancelled_tokens: int = 0
 
     @property
     def slot_utilization(self) -> float:
@@ -106,3 +110,7 @@ class SlotDevice(Protocol):
 
     def read(self, handle: Any) -> Chunk:
         """Wait for a dispatched chunk and read it back."""
+
+    def release(self, slots: list[int]) -> None:
+        """Mark running rows done (their samples were cancelled), so a chunk stops decoding
+        them."""

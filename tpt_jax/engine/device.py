@@ -2,10 +2,10 @@
 layout, the decode cache, the prompt store and the slot state, and the compiled programs.
 
 `Device` implements `contract.SlotDevice` for the scheduler (prefill / insert / decode /
-read) and runs static batches for the reference path. Its buffers are donated to each program
-and kept between calls while their shapes stay, so a run allocates its caches once. Rows are
-data-parallel and heads tensor-parallel through the sampling rules; what the host reads is
-replicated, so every host takes the same decisions.
+read / release) and runs static batches for the reference path. Its buffers are donated to
+each program and kept between calls while their shapes stay, so a run allocates its caches
+once. Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
+host reads is replicated, so every host takes the same decisions.
 """
 from __future__ import annotations
 
@@ -114,12 +114,14 @@ class Device:
 
     # -- continuous batching (contract.SlotDevice)
 
-    def begin(self, prog: PR.Program, n: int, seed: int) -> None:
+    def begin(self, prog: PR.Program, n: int, seed: int, by_sample: bool = False) -> None:
         """Decode cache, prompt store (as many entries as a static batch has prompts: the
-        static path's prefill cache) and fresh slots for a call with n samples per prompt."""
+        static path's prefill cache; twice as many as slots for sample-major order, whose
+        prompts stay while their later samples wait for a verdict) and fresh slots for a call
+        with n samples per prompt."""
         R = self.slots
         self.prog, self.seed = prog, jnp.asarray(seed, jnp.int32)
-        self.entries = max(1, R // min(n, R))
+        self.entries = 2 * R if by_sample else max(1, R // min(n, R))
         self.prefill_sizes = prefill_sizes(self.entries)
         self.cache = self.decode_cache(R, self.cache_length(prog.sampling.max_new_tokens))
         self.store = self._buffer("store", (self.entries, self.max_bucket), functools.partial(
@@ -175,6 +177,12 @@ class Device:
                                                 for x in out)
         return Chunk(int(steps), done, drawn, stopped, tokens, logits)
 
+    def release(self, slots: list[int]) -> None:
+        mask = np.zeros(self.slots, bool)
+        mask[slots] = True
+        with self.rules_context():
+            self.state = self.programs["release"](self.state, self.put(mask, ("act_batch",)))
+
     def warm_up(self, buckets) -> None:
         """Compile prefill (every bucket and size), insert and chunk for the current call's
         setting; the buffers change only where nothing is inserted."""
@@ -185,6 +193,7 @@ class Device:
                     x = self.put(np.zeros((size, b), np.int32), ("act_batch", None))
                     self.store = self.programs["prefill"](self.params, self.store, x, x, none)
         self.insert([], [])
+        self.release([])
         self.read(self.decode(1))  # every slot is empty: no step runs
 
     # -- static batches (the reference)

@@ -296,6 +296,12 @@ def chunk(model: M.Gemma2, sp: dict, cache: SlotCache, slots: Slots, seed: Array
                                                        slots.out, slots.seen))
 
 
+def release(slots: Slots, mask: Array) -> Slots:
+    """Mark the rows of `mask` done: cancelled samples stop drawing tokens."""
+    TRACE_COUNT["release"] += 1
+    return _constrain_slots(slots.replace(done=slots.done | mask))
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(cfg, dtype, param_dtype):
     """The jitted programs of one model shape, shared by every Sampler (new samplers for the
@@ -305,4 +311,5 @@ def compiled(cfg, dtype, param_dtype):
                                                      static_argnames=static,
                                                      donate_argnames=donate)
     return {"generate": jit(generate, ("cache",)), "prefill": jit(prefill, ("store",), ()),
-            "insert": jit(insert, ("cache", "slots")), "chunk": jit(chunk, ("cache", "slots"))}
+            "insert": jit(insert, ("cache", "slots")), "chunk": jit(chunk, ("cache", "slots")),
+            "release": jax.jit(release, donate_argnames=("slots",))}

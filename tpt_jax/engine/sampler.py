@@ -7,7 +7,7 @@ slot whose row ends takes the next waiting sample at once) and drives the device
 (`device.Device`) through the narrow contract of `contract.py`. `static=True` runs static
 batches instead (`static.py`), the reference the tests compare against. A sample's tokens
 depend only on (seed, question id, sample index), never on its slot, when it started or what
-else ran.
+else ran, so cancelling some (early stop, `samples_needed`) never changes the others.
 """
 from __future__ import annotations
 
@@ -140,17 +140,27 @@ class Sampler:
                  progress: Optional[Callable[[int], None]] = None, return_logits: bool = False,
                  max_new_tokens: Optional[Sequence[int]] = None, static: bool = False,
                  longest_first: bool = True,
-                 stop_tokens: Optional[Sequence[Sequence[int]]] = None) -> list[list[Generation]]:
+                 stop_tokens: Optional[Sequence[Sequence[int]]] = None,
+                 samples_needed: Optional[Callable[[int, int, Generation], Optional[int]]] = None
+                 ) -> list[list[Generation]]:
         """n samples for each prompt (token ids, BOS included if wanted) -> [prompt][sample].
 
         `ids` (default: the prompt's index) and `seed` decide each sample's randomness, so the
         same (seed, id, sample) gives the same tokens in any slot, order or batch.
         `max_new_tokens` (one per prompt, each 1..sampling.max_new_tokens) gives prompts their
         own token limits. `stop_tokens` (token sequences) replace the sampler's default stop
-        sequences for this call. `progress(k)` is called as k more samples finish.
+        sequences for this call. `progress(k)` is called as k more samples finish (or are
+        cancelled).
         `return_logits` (tests) also returns each step's logits. `static` runs static batches
         (the reference). `longest_first=False` starts requests in the given order even when
-        their limits differ."""
+        their limits differ.
+
+        Early stop: `samples_needed(prompt, sample, generation)`, called as each sample
+        finishes, may return m, the samples its prompt needs (every sample below m has
+        finished): the later ones are cancelled (waiting ones never start, running ones stop
+        at the next host check) and the prompt gets m results. Requests then run sample-major
+        (every prompt's sample 0 before any sample 1), so answers come before later samples
+        start. Static batches draw every sample and only cut the results."""
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         ids = [str(i) for i in range(len(prompts))] if ids is None else list(ids)
@@ -165,25 +175,50 @@ class Sampler:
         work = self._prompts(prompts, ids, limits)
         self.stats = Stats(slots=self.rows, static=static)
         results: list[list[Optional[Generation]]] = [[None] * n for _ in prompts]
+        limit, cuts = [n] * len(prompts), []  # samples each prompt needs; cancellations due
         if prompts:
             prog = self._program(sampling, min(n, self.rows) if static else 1, return_logits,
                                  stop_tokens)
-            for finished in self._finished(work, n, prog, seed, static, longest_first):
+            for finished in self._finished(work, n, prog, seed, static, longest_first, cuts,
+                                           samples_needed is not None):
+                settled = 0  # samples finished, or cancelled before they finished
                 for f in finished:
-                    results[f.request.prompt][f.request.sample] = self._generation(f)
+                    i, j = f.request.prompt, f.request.sample
+                    if j >= limit[i]:  # finished before its cancellation reached it
+                        self.stats.cancelled += 1
+                        self.stats.cancelled_tokens += len(f.tokens)
+                        continue
+                    results[i][j] = g = self._generation(f)
+                    settled += 1
+                    m = None if samples_needed is None else samples_needed(i, j, g)
+                    if m is not None and m < limit[i]:
+                        if m < 1 or any(r is None for r in results[i][:m]):
+                            raise ValueError(f"samples_needed gave {m} before samples 0.."
+                                             f"{m - 1} of prompt {i} finished")
+                        settled += sum(r is None for r in results[i][m:limit[i]])
+                        limit[i] = m
+                        cuts.append((i, m))
                 if progress is not None:
-                    progress(len(finished))
-        return results  # type: ignore[return-value]
+                    progress(settled)
+        return [row[:m] for row, m in zip(results, limit)]  # type: ignore[misc]
 
     def _finished(self, work: list[Prompt], n: int, prog: PR.Program, seed: int, static: bool,
-                  longest_first: bool) -> Iterator[list[Finished]]:
+                  longest_first: bool, cuts: list, by_sample: bool) -> Iterator[list[Finished]]:
+        """The finished samples, a list at a time; between lists, the (prompt, sample)
+        cancellations the caller appended to `cuts` go to the scheduler."""
         if static:
             yield from run_static(self.device, work, n, prog, seed, self.stats)
             return
         order = sorted(range(len(work)), key=lambda i: -work[i].limit if longest_first else 0)
-        self.device.begin(prog, n, seed)
+        self.device.begin(prog, n, seed, by_sample)
         try:
-            yield from Scheduler(self.device, work, n, order, self.refill_at, self.stats).run()
+            scheduler = Scheduler(self.device, work, n, order, self.refill_at, self.stats,
+                                  by_sample)
+            for finished in scheduler.run():
+                yield finished
+                for i, m in cuts:
+                    scheduler.cancel(i, m)
+                cuts.clear()
         finally:
             self.device.end()
 

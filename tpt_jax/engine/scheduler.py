@@ -10,6 +10,15 @@ steps runs until `refill_at` slots have finished (or every slot, once nothing wa
 host steps in once per refill, not once per token. While a chunk runs, the caller turns the
 previous chunk's finished rows into results. Every host takes the same decisions from the
 same replicated outputs.
+
+Early stop (`by_sample=True`): requests run sample-major (every prompt's sample 0 before any
+sample 1), and a prompt's next sample waits while an earlier one is undecided (running, or
+finished but not yet seen by the caller) as long as another prompt's request can start
+instead; between yields the caller may `cancel` a prompt's samples from some index on:
+waiting requests are dropped, running rows are freed at the next host check (the device
+marks them done unless a new request takes the slot). A prompt is prefilled once either way:
+its store entry is held until all its samples have started or been cancelled (with early
+stop the store holds twice as many prompts as there are slots, `device.Device.begin`).
 """
 from __future__ import annotations
 
@@ -24,15 +33,45 @@ class Scheduler:
     per host check."""
 
     def __init__(self, device: SlotDevice, prompts: Sequence[Prompt], n: int,
-                 order: Sequence[int], refill_at: int, stats: Stats):
+                 order: Sequence[int], refill_at: int, stats: Stats, by_sample: bool = False):
         self.device, self.prompts, self.n = device, list(prompts), n
         self.refill_at, self.stats = refill_at, stats
-        self.queue = [Request(i, j) for i in order for j in range(n)]
-        self.next = 0  # index of the next request to start
+        # the waiting requests, in order (cancelled ones are dropped at the next admit)
+        self.queue = ([Request(i, j) for j in range(n) for i in order] if by_sample else
+                      [Request(i, j) for i in order for j in range(n)])
+        self.recut = False  # cancellations since the last admit
+        self.by_sample = by_sample
+        self.undecided = [0] * len(self.prompts)  # samples running or not yet seen by the caller
         self.held: list = [None] * device.slots  # the request each slot holds
         self.entry_of: dict[int, int] = {}  # prompt -> its store entry
-        self.left = [0] * device.entries  # samples of an entry's prompt not yet started
+        self.left = [0] * device.entries  # samples of an entry's prompt still waiting
         self.free_entries = collections.deque(range(device.entries))
+        self.begun = [0] * len(self.prompts)  # samples started per prompt (they start in order)
+        self.cut = [n] * len(self.prompts)  # per prompt: samples from this index are cancelled
+        self.waiting = len(self.queue)  # requests neither started nor cancelled
+        self.dropping: set = set()  # slots whose running rows are cancelled
+        self.stale: list = []  # freed slots whose rows the device still decodes
+
+    def cancel(self, prompt: int, start: int) -> None:
+        """Cancel samples `start`.. of `prompt` (between yields of `run`): waiting ones never
+        start, running ones are freed at the next host check."""
+        old = self.cut[prompt]
+        if start >= old:
+            return
+        self.cut[prompt] = start
+        self.recut = True
+        self.waiting -= max(0, old - max(start, self.begun[prompt]))
+        self.dropping.update(r for r, h in enumerate(self.held)
+                             if h is not None and h.prompt == prompt and h.sample >= start)
+        e = self.entry_of.get(prompt)
+        if e is not None:
+            self.left[e] = min(self.left[e], self.live(prompt))
+            if not self.left[e]:
+                self.close_entry(prompt)
+
+    def live(self, prompt: int) -> int:
+        """Waiting, uncancelled requests of `prompt`."""
+        return max(0, self.cut[prompt] - self.begun[prompt])
 
     # -- the loop
 
@@ -42,29 +81,42 @@ class Scheduler:
             free = [r for r, h in enumerate(self.held) if h is None]
             while free and self.admit(free):
                 pass
+            stale = [r for r in self.stale if self.held[r] is None]
+            if stale:
+                self.device.release(stale)
+            self.stale = []
             if all(h is None for h in self.held):
                 break
             handle = self.device.decode(self.min_exit())
             if finished:
                 yield finished  # the caller works while the chunk runs
+                for f in finished:
+                    self.undecided[f.request.prompt] -= 1
             finished = self.finished_rows(self.device.read(handle))
         if finished:
             yield finished
-        if self.next < len(self.queue):  # the store always has room for the next prompt
-            raise RuntimeError(f"sampler stalled with {len(self.queue) - self.next} requests "
-                               "waiting")
+        if self.waiting:  # the store always has room for the next prompt
+            raise RuntimeError(f"sampler stalled with {self.waiting} requests waiting")
 
     def min_exit(self) -> int:
         """Slots that must finish before the host steps in: `refill_at` while requests wait
         (fewer when fewer wait), else every slot (more than there are: run to the end)."""
-        waiting = len(self.queue) - self.next
-        return min(self.refill_at, waiting) if waiting else self.device.slots + 1
+        return min(self.refill_at, self.waiting) if self.waiting else self.device.slots + 1
 
     def finished_rows(self, chunk: Chunk) -> list[Finished]:
-        """Free the slots whose rows are done; returns those rows."""
+        """Free the slots whose rows are done or cancelled; returns the done rows."""
         self.stats.decode_steps += chunk.steps
         self.stats.host_checks += 1
         rows = []
+        for r in sorted(self.dropping):
+            self.undecided[self.held[r].prompt] -= 1
+            self.stats.cancelled += 1
+            self.stats.cancelled_tokens += int(chunk.drawn[r])
+            self.stats.tokens += int(chunk.drawn[r])
+            self.held[r] = None
+            if not chunk.done[r]:
+                self.stale.append(r)
+        self.dropping.clear()
         for r, request in enumerate(self.held):
             if request is not None and chunk.done[r]:
                 num = int(chunk.drawn[r])
@@ -77,21 +129,39 @@ class Scheduler:
     # -- starting requests
 
     def admit(self, free: list) -> bool:
-        """Start waiting requests in free slots (prefilling the prompts they need first);
-        False when nothing could start."""
-        starts, need = [], []
-        while free and self.next < len(self.queue):
-            request = self.queue[self.next]
+        """Start waiting requests in free slots (prefilling the prompts they need first): the
+        ready ones (`start_order`), or when none can start, the others; False when nothing
+        could start."""
+        if self.recut:
+            self.queue = [r for r in self.queue if r.sample < self.cut[r.prompt]]
+            self.recut = False
+        ready, rest = self.start_order()
+        return self.start(ready, free) or self.start(rest, free)
+
+    def start(self, indices: list[int], free: list) -> bool:
+        """Start the queue's requests at `indices`, in turn, while slots and entries last."""
+        starts, need, taken = [], [], []
+        for k in indices:
+            if not free:
+                break
+            request = self.queue[k]
             if request.prompt not in self.entry_of:
                 if not self.free_entries:
-                    break
+                    if not self.by_sample:
+                        break  # in queue order no later prompt has an entry either
+                    continue  # nor can its later samples: they need the same entry
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
             starts.append(Start(free.pop(0), self.entry_of[request.prompt], request))
             self.left[self.entry_of[request.prompt]] -= 1
-            self.next += 1
+            self.begun[request.prompt] += 1
+            self.undecided[request.prompt] += 1
+            self.waiting -= 1
+            taken.append(k)
         if not starts:
             return False
+        for k in sorted(taken, reverse=True):
+            del self.queue[k]
         if need:
             need += self.spare_prefill_rows(need)
             for bucket in dict.fromkeys(self.prompts[i].bucket for i in need):
@@ -101,16 +171,30 @@ class Scheduler:
         self.device.insert(starts, self.prompts)
         for s in starts:
             self.held[s.slot] = s.request
-            i = s.request.prompt  # an entry whose prompt has started all its samples is free
+            i = s.request.prompt  # an entry whose prompt has no sample waiting is free
             if self.left[s.entry] == 0 and self.entry_of.get(i) == s.entry:
-                del self.entry_of[i]
-                self.free_entries.append(s.entry)
+                self.close_entry(i)
         self.stats.decode_steps += 1  # the step that drew the first tokens
         return True
 
+    def start_order(self) -> tuple[list[int], list[int]]:
+        """Queue indices of the requests ready to start, and of the rest: all are ready in
+        prompt-major order; by sample, a prompt's lowest waiting sample is ready while none of
+        its samples is undecided (the others start only so that slots do not idle)."""
+        if not self.by_sample:
+            return list(range(len(self.queue))), []
+        ready, rest, seen = [], [], set()
+        for k, r in enumerate(self.queue):
+            (rest if self.undecided[r.prompt] or r.prompt in seen else ready).append(k)
+            seen.add(r.prompt)
+        return ready, rest
+
     def open_entry(self, prompt: int) -> None:
         self.entry_of[prompt] = e = self.free_entries.popleft()
-        self.left[e] = self.n
+        self.left[e] = self.live(prompt)
+
+    def close_entry(self, prompt: int) -> None:
+        self.free_entries.append(self.entry_of.pop(prompt))
 
     def spare_prefill_rows(self, need: list) -> list:
         """Prompts that come next in the queue, of the last needed prompt's bucket, to fill
@@ -119,10 +203,11 @@ class Scheduler:
         count = sum(self.prompts[i].bucket == bucket for i in need)
         sizes = self.device.prefill_sizes
         size = next(s for s in sizes if s >= min(count, self.device.entries))
-        extra, k = [], self.next
-        while k < len(self.queue) and self.free_entries and count < size:
-            i = self.queue[k].prompt
-            k += 1
+        extra = []
+        for request in self.queue:
+            if not (self.free_entries and count < size):
+                break
+            i = request.prompt
             if i in self.entry_of:
                 continue
             if self.prompts[i].bucket != bucket:

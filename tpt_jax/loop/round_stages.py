@@ -72,7 +72,7 @@ def think_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
         think.think(weights, s.model, s.tokenizer, questions.get(), rc.think,
                     rd.path(tag(r), "samples"), s.mesh, template=rc.prompt, shots=s.shots,
                     source=self_name(s, r), progress=s.progress,
-                    sampler=s.samplers.get(s.model, weights, rc.think))
+                    sampler=s.samplers.get(s.model, weights, rc.think), prune=rc.prune)
     multimodel.think_sources(rc, s, questions.get(), rd.path(tag(r), "sources"), r)
 
 
@@ -95,12 +95,21 @@ def prune_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
     per_q = multimodel.samples_per_source(rc, s.model.cfg)
     if "self" in per_q:
         per_q[self_name(s, r)] = per_q.pop("self")
+    prune.note_early_stop(stats, samples, per_q)
+    stats["think_tokens"] = think_tokens(rd, rc, r)
     stats["data_quality"] = multimodel.data_quality(stats, per_q)
     if rd.primary:
         io.write_json_atomic(rd.path(tag(r), "data_quality.json"), stats["data_quality"])
         io.write_jsonl_atomic(rd.path(tag(r), "train.jsonl"), kept)
         io.write_json_atomic(rd.path(tag(r), "prune_stats.json"), stats)
     log.info("round %d prune: %s", r, prune.summary_line(stats))
+
+
+def think_tokens(rd: RunDir, rc, r: int) -> int:
+    """Tokens round r's Think drew, every source's, cancelled samples' included."""
+    folders = ([rd.path(tag(r), "samples")] if rc.sources.self else []) + [
+        rd.path(tag(r), "sources", src.name) for src in rc.sources.models]
+    return sum(think.decoded_tokens(f) for f in folders)
 
 
 def load_prune_stats(rd: RunDir, r: int) -> dict:

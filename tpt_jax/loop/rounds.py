@@ -89,7 +89,8 @@ def run_round(s: Setup, rd: RunDir, r: int, prev: Artifact, base: Artifact,
     run_stage(rd, f"{tag}/eval", wall, functools.partial(st.eval_round, s, rd, rc, r, model))
     stats = st.load_prune_stats(rd, r)
     record = {"round": r, "train_examples": stats["counts"]["kept"],
-              "coverage": stats["metrics"].get("coverage")}  # questions with a correct sample
+              "coverage": stats["metrics"].get("coverage"),  # questions with a correct sample
+              "think_tokens": stats.get("think_tokens")}  # decoded, cancelled samples' too
     if stats.get("data_quality"):
         record["data_quality"] = stats["data_quality"]
     return eval_record(rd, r, record, wall), model

@@ -113,7 +113,7 @@ def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -
         think.think(params, model, s.tokenizer, questions, tcfg,
                     os.path.join(samples_root, src.name), s.mesh, template=rc.prompt,
                     shots=s.shots, source=src.name,
-                    sampler=s.samplers.get(model, params, tcfg))
+                    sampler=s.samplers.get(model, params, tcfg), prune=rc.prune)
         if model.cfg != s.model.cfg:  # another shape: its weights and caches go now
             s.samplers.release(model)
         del params

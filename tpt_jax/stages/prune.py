@@ -63,7 +63,7 @@ class _Question:
         self.over_cap = 0
 
 
-def _norm_id(v) -> Optional[str]:
+def norm_id(v) -> Optional[str]:
     if isinstance(v, str):
         return v
     if isinstance(v, int) and not isinstance(v, bool):
@@ -80,7 +80,7 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
     skips = skips if skips is not None else Skips()
     questions: dict[str, _Question] = {}
     for where, rec in dataset:
-        qid = _norm_id(rec.get("id"))
+        qid = norm_id(rec.get("id"))
         if qid is None:
             skips.add("dataset: bad field 'id'", where)
             continue
@@ -105,7 +105,7 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
     n_records = seq = unchecked = 0
     for where, rec, default_source in samples:
         n_records += 1
-        q = questions.get(_norm_id(rec.get("id")))
+        q = questions.get(norm_id(rec.get("id")))
         if q is None:
             skips.add("sample: unknown id", where)
             continue
@@ -156,19 +156,13 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
             if calc_errors(completion):
                 stats["calc_wrong"] += 1
                 calc_ok = False
-        if plan.calculator and not calc_ok:
-            dropped["calculator check failed"] += 1
-            continue
-        n_chars = len(completion)
         tokens = rec.get("tokens")
-        if cfg.min_chars is not None and n_chars < cfg.min_chars:
-            dropped["too short"] += 1
-            continue
-        if cfg.max_tokens is not None and not isinstance(tokens, int):
+        reason = _filtered(completion, tokens, calc_ok, cfg, plan)
+        if reason in (None, "too long") and cfg.max_tokens is not None and \
+                not isinstance(tokens, int):
             unchecked += 1  # no token count given: the token limit cannot apply
-        if (cfg.max_chars is not None and n_chars > cfg.max_chars) or (
-                cfg.max_tokens is not None and isinstance(tokens, int) and tokens > cfg.max_tokens):
-            dropped["too long"] += 1
+        if reason is not None:
+            dropped[reason] += 1
             continue
         if q.prompt is None:
             q.prompt = prompt
@@ -206,6 +200,66 @@ def prune_stream(dataset: Iterable[tuple[str, dict]], samples: Iterable[tuple[st
     stats["counts"]["max_tokens_unchecked"] = unchecked  # correct samples without `tokens`
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return examples, stats
+
+
+def _filtered(completion: str, tokens, calc_ok: bool, cfg: PruneConfig,
+              plan: Plan) -> Optional[str]:
+    """Why a correct sample cannot be selected (calculator, length), or None."""
+    if plan.calculator and not calc_ok:
+        return "calculator check failed"
+    if cfg.min_chars is not None and len(completion) < cfg.min_chars:
+        return "too short"
+    if (cfg.max_chars is not None and len(completion) > cfg.max_chars) or (
+            cfg.max_tokens is not None and isinstance(tokens, int) and tokens > cfg.max_tokens):
+        return "too long"
+    return None
+
+
+def stop_cap(cfg: PruneConfig) -> tuple[Optional[int], str]:
+    """(k, "") when selection keeps a question's k lowest-indexed candidates (a cap, no dedup):
+    samples after the k-th can never change what is kept, so Think may skip them; (None, why)
+    when the strategy needs every sample."""
+    plan = make_plan(cfg)
+    if plan.dedup_text or plan.dedup_equations:
+        return None, "its dedup compares every correct sample"
+    if plan.cap is None:
+        return None, "it keeps every correct sample (no per-question cap)"
+    return plan.cap, ""
+
+
+class StopRule:
+    """Prune's selection as Think sees it (`stop_cap`'s k): `needed` checks each sample as it
+    finishes and, once a question's samples 0..m-1 have all finished with k candidates among
+    them, returns m: the later samples cannot change what Prune keeps."""
+
+    def __init__(self, cfg: PruneConfig, cap: int, golds: list):
+        self.cfg, self.plan, self.cap, self.golds = cfg, make_plan(cfg), cap, golds
+        self.pending: list[dict] = [{} for _ in golds]  # sample -> candidate, not yet scanned
+        self.scan = [[0, 0] for _ in golds]  # next sample to scan, candidates before it
+
+    def needed(self, q: int, sample: int, rec: dict) -> Optional[int]:
+        """`rec` (completion, finish, tokens) is sample `sample` of the q-th question."""
+        if self.golds[q] is None:
+            return None
+        self.pending[q][sample] = self.candidate(rec, self.golds[q])
+        at = self.scan[q]
+        while at[0] in self.pending[q]:
+            at[1] += self.pending[q].pop(at[0])
+            at[0] += 1
+            if at[1] == self.cap:
+                return at[0]
+        return None
+
+    def candidate(self, rec: dict, gold: str) -> bool:
+        """What `prune_stream` would make of the sample: correct and not filtered out."""
+        completion = rec["completion"]
+        if rec.get("finish") == "length":
+            return False
+        extracted = answers.extract_answer(completion, self.cfg.answer_fallback)
+        if extracted is None or not answers.is_correct(extracted, gold):
+            return False
+        calc_ok = "<<" not in completion or not answers.calculator_errors(completion)
+        return _filtered(completion, rec.get("tokens"), calc_ok, self.cfg, self.plan) is None
 
 
 def _select(questions: dict, plan: Plan, dropped: Counter) -> list:
@@ -312,6 +366,30 @@ def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_
         "false_positive": fp(total),
         "by_source": by_source,
     }
+
+
+def note_early_stop(stats: dict, samples: Iterable[dict], asked: dict) -> None:
+    """Early stop leaves coverage exact (a question stops only once it has a kept, so correct,
+    sample) but biases what is estimated from all n samples. Where any question of a source
+    has fewer than `asked[source]` samples, its (and the pooled) pass@k, maj@k, diversity@k
+    and accuracy become None; stats["early_stop"] counts the questions stopped and the
+    samples not drawn."""
+    drawn = Counter((r.get("source"), r.get("id")) for r in samples)
+    stopped, undrawn = Counter(), 0
+    for (src, _), m in drawn.items():
+        if m < asked.get(src, 0):
+            stopped[src] += 1
+            undrawn += asked[src] - m
+    withheld = ([stats["metrics"]] if stopped else []) + [
+        stats["by_source"][src]["metrics"] for src in stopped if src in stats["by_source"]]
+    for m in withheld:
+        for key in ("pass@k", "maj@k", "diversity@k"):
+            m[key] = {k: None for k in m[key]}
+        m["coverage@k"], m["accuracy"] = m["pass@k"], None
+    stats["early_stop"] = {
+        "questions_stopped": sum(stopped.values()), "samples_not_drawn": undrawn,
+        "estimates": ("withheld: pass@k, maj@k, diversity@k and accuracy need all n samples "
+                      "of every question; coverage is exact") if stopped else "complete"}
 
 
 def prune_records(dataset: Iterable[dict], samples: Iterable[dict], cfg: PruneConfig,

@@ -10,6 +10,7 @@ different ones is an error rather than a silent mix.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import re
@@ -21,13 +22,16 @@ import numpy as np
 from tpt_jax import faults
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
-from tpt_jax.config import ConfigError, ThinkConfig, TptError
+from tpt_jax.stages import answers
+from tpt_jax.stages import prune as PR
+from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 SHARD_RE = re.compile(r"^samples-(\d{5})\.jsonl$")
 MANIFEST = "think.json"
+DECODED = "decoded.json"  # tokens each shard's sampling drew, cancelled samples' included
 
 
 def shard_name(k: int) -> str:
@@ -114,37 +118,65 @@ def fit_prompts(encoded: Sequence[list[int]], max_prompt_tokens: int, policy: st
 
 def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequence[str],
              sampling: SamplingConfig, n: int, seed: int, stops: Sequence[str],
-             progress=None, encoded: Optional[Sequence[list[int]]] = None) -> list[list[dict]]:
+             progress=None, encoded: Optional[Sequence[list[int]]] = None,
+             needed=None) -> list[list[dict]]:
     """Sample n completions per prompt text -> [prompt][sample] dicts with completion (text cut
     at the first stop string), finish ("stop" | "length") and tokens (tokens drawn).
-    `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts."""
+    `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts.
+    `needed(prompt, sample, record)` (e.g. `prune.StopRule.needed`) may end a prompt's
+    sampling early (`Sampler.generate`'s samples_needed): it then gets fewer records."""
     if encoded is None:
         encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
     stop_tokens = [t for t in (tokenizer.encode(s) for s in stops) if t]
+
+    def record(g) -> dict:
+        text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
+        return {"completion": text, "finish": "stop" if (cut or g.finish == "stop")
+                else "length", "tokens": g.num_tokens}
+
+    until = None if needed is None else (lambda i, j, g: needed(i, j, record(g)))
     gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress,
-                            stop_tokens=stop_tokens)
-    out = []
-    for per_prompt in gens:
-        row = []
-        for g in per_prompt:
-            text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
-            row.append({"completion": text, "finish": "stop" if (cut or g.finish == "stop")
-                        else "length", "tokens": g.num_tokens})
-        out.append(row)
-    return out
+                            stop_tokens=stop_tokens, samples_needed=until)
+    return [[record(g) for g in per_prompt] for per_prompt in gens]
 
 
 # ----------------------------------------------------------------------------- resumable run
 
 
 def _manifest(cfg: ThinkConfig, questions: Sequence[dict], template: str, source: str,
-              stops: Sequence[str]) -> dict:
-    """What decides the samples (batch_size does not: samples are independent of slots)."""
+              stops: Sequence[str], early: Optional[PruneConfig] = None) -> dict:
+    """What decides the samples (batch_size does not: samples are independent of slots),
+    including the Prune settings an early stop follows (`early`)."""
     ids = hashlib.sha256("\x00".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
     keep = ("n", "temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_tokens",
             "shard_size", "seed", "long_prompts")
+    rule = ("strategy", "max_per_question", "calculator_check", "min_chars", "max_chars",
+            "max_tokens", "answer_fallback")
     return {**{k: getattr(cfg, k) for k in keep}, "stop": list(stops), "template": template,
-            "source": source, "questions": len(questions), "question_ids_sha": ids}
+            "source": source, "questions": len(questions), "question_ids_sha": ids,
+            "stop_when_selected": None if early is None else {k: getattr(early, k)
+                                                              for k in rule}}
+
+
+def early_stop(cfg: ThinkConfig, prune: Optional[PruneConfig]) -> Optional[int]:
+    """The k of Think's exact early stop (`prune.stop_cap`), or None when it is off (a log
+    line says why when the strategy needs every sample)."""
+    if prune is None or not cfg.stop_when_selected:
+        return None
+    cap, why = PR.stop_cap(prune)
+    if cap is None:
+        log.info("think: early stop is off: prune.strategy %s needs every sample (%s)",
+                 prune.strategy, why)
+    return cap
+
+
+def stop_rule(prune: PruneConfig, cap: int, questions: Sequence[dict]) -> PR.StopRule:
+    """The rule for one shard's questions; a question Prune keeps nothing for (no usable gold
+    answer) or whose id Prune would merge with another's never stops early."""
+    ids = collections.Counter(PR.norm_id(q["id"]) for q in questions)
+    golds = [answers.parse_gold(q.get("answer")) if ids[PR.norm_id(q["id"])] == 1 else None
+             for q in questions]
+    return PR.StopRule(prune, cap, golds)
 
 
 def _check_manifest(out_dir: str, want: dict, extra: Optional[dict] = None) -> None:
@@ -187,6 +219,17 @@ def _remove_partial_shards(out_dir: str) -> None:
         p.unlink()
 
 
+def decoded_tokens(out_dir: str) -> int:
+    """Tokens Think drew for a samples folder: per shard, as recorded when it was sampled
+    (cancelled samples' included), else its records' tokens."""
+    root = tio.path(out_dir)
+    drawn = _read_decoded(root)
+    names = sorted(p.name for p in root.iterdir() if SHARD_RE.match(p.name))
+    return sum(drawn[name]["tokens"] if name in drawn else
+               sum(int(r.get("tokens") or 0) for _, r in tio.read_jsonl(root / name))
+               for name in names)
+
+
 def read_samples(out_dir: str) -> list[dict]:
     """Every sample record in a Think folder, shard by shard."""
     root = tio.path(out_dir)
@@ -199,13 +242,16 @@ def read_samples(out_dir: str) -> list[dict]:
 def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkConfig,
           out_dir: Optional[str] = None, mesh=None, *, template: str = "zero-shot",
           shots: Optional[Sequence[dict]] = None, source: str = "model", progress: bool = True,
-          sampler: Optional[Sampler] = None) -> list[dict]:
+          sampler: Optional[Sampler] = None, prune: Optional[PruneConfig] = None) -> list[dict]:
     """Sample cfg.n traces for each question ({id, question, ...}) -> sample records
     {id, sample, source, prompt, completion, finish, tokens}, in question then sample order.
 
     With `out_dir`, records go to JSONL shards of cfg.shard_size questions and existing shards
     are reused (resume). `sampler` (from `make_sampler` or `Samplers`, for this model and
-    think.batch_size) keeps compiled programs and buffers across calls; it is given `params`."""
+    think.batch_size) keeps compiled programs and buffers across calls; it is given `params`.
+    With `prune` (the round's Prune settings) and think.stop_when_selected, a question's
+    samples stop once Prune's selection can no longer change (`early_stop`): it then has
+    samples 0..m-1 for some m <= n, and Prune keeps exactly what it would from all n."""
     from tqdm.auto import tqdm
 
     sampling = sampling_config(cfg)
@@ -234,12 +280,14 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     # the questions that get samples, per shard (a skipped long prompt gets none)
     shards = [[i for i in shard if encoded[i] is not None] for shard in shards]
     reused: dict[int, list[dict]] = {}
+    cap = early_stop(cfg, prune)
     if out_dir is not None:
-        _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops), long_info)
+        _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops,
+                                           None if cap is None else prune), long_info)
         _remove_partial_shards(out_dir)
         for k, exists in enumerate(_done_shards(out_dir, len(shards))):
-            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], cfg.n) \
-                if exists else None
+            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], cfg.n,
+                               cap is not None) if exists else None
             if recs is not None:
                 reused[k] = recs
     done = [k in reused for k in range(len(shards))]
@@ -254,22 +302,25 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     bar = tqdm(total=total, initial=initial, unit="sample", desc="think", dynamic_ncols=True,
                disable=True if not progress or jax.process_index() != 0 else None)
     records: list[dict] = []
-    used = offered = 0  # tokens drawn / slot-steps run: how busy the decode slots were
+    used = offered = skipped = 0  # tokens drawn / slot-steps run; samples cancelled
     try:
         for k, (shard, is_done) in enumerate(zip(shards, done)):
             if is_done:
                 records += reused[k]
                 continue
+            rule = None if cap is None else stop_rule(prune, cap, [questions[i] for i in shard])
             outs = complete(sampler, tokenizer, [texts[i] for i in shard],
                             [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
-                            stops, progress=bar.update,
-                            encoded=[encoded[i] for i in shard]) if shard else []
+                            stops, progress=bar.update, encoded=[encoded[i] for i in shard],
+                            needed=None if rule is None else rule.needed) if shard else []
             if shard:
                 used += sampler.stats.tokens
                 offered += sampler.stats.slots * sampler.stats.decode_steps
+                skipped += sampler.stats.cancelled
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
+                _record_decoded(out_dir, k, sampler.stats if shard else None)
                 tio.write_jsonl_atomic(tio.path(out_dir) / shard_name(k), recs)
                 faults.point("shard-written")
             records += recs
@@ -281,21 +332,52 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                  "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
                          if isinstance(v, int)),
                  f"; decode slots busy {used / offered:.0%}" if offered else "")
+        if cap is not None:
+            log.info("think: early stop (prune.strategy %s) left %d of %d samples undrawn, "
+                     "%d of them cancelled after they had started", prune.strategy,
+                     total - len(records), total, skipped)
     return records
 
 
-def _read_shard(out_dir: str, k: int, ids: list, n: int) -> Optional[list[dict]]:
+def _record_decoded(out_dir: str, k: int, stats) -> None:
+    """Note the tokens shard k's sampling drew, before the shard itself is written (a rerun
+    that samples the shard again writes it again)."""
+    drawn = _read_decoded(tio.path(out_dir))
+    drawn[shard_name(k)] = {"tokens": stats.tokens if stats else 0,
+                            "cancelled": stats.cancelled if stats else 0,
+                            "cancelled_tokens": stats.cancelled_tokens if stats else 0}
+    tio.write_json_atomic(tio.path(out_dir) / DECODED, drawn)
+
+
+def _read_decoded(root) -> dict:
+    """decoded.json of a samples folder; a damaged one counts as absent (one warning): the
+    shards it covered then count their records' tokens, the samples kept, not those cancelled."""
+    path = root / DECODED
+    if not path.exists():
+        return {}
+    try:
+        drawn = tio.read_json(path, dict)
+    except TptError as e:
+        log.warning("think: %s; its shards count the tokens of the samples they keep", e)
+        return {}
+    return drawn
+
+
+def _read_shard(out_dir: str, k: int, ids: list, n: int,
+                prefix: bool = False) -> Optional[list[dict]]:
     """A finished shard's records, or None when it is damaged (cut, garbage, empty, or not
-    exactly samples 0..n-1 of its questions): it is then sampled again, to the same records."""
+    exactly samples 0..n-1 of each of its questions; 0..m-1, 1 <= m <= n, with early stop):
+    it is then sampled again, to the same records."""
     where = tio.path(out_dir) / shard_name(k)
     try:
         recs = [r for _, r in tio.read_jsonl(where)]
     except TptError as e:
         log.info("think: %s; sampling that shard again", e)
         return None
-    want = {(i, j) for i in ids for j in range(n)}
-    have = [(r.get("id"), r.get("sample")) for r in recs]
-    if len(have) != len(want) or set(have) != want:
+    have = collections.Counter(r.get("id") for r in recs)
+    want = {(i, j) for i in ids for j in range(have[i] if prefix else n)}
+    pairs = [(r.get("id"), r.get("sample")) for r in recs]
+    if len(pairs) != len(want) or set(pairs) != want or not all(1 <= have[i] <= n for i in ids):
         log.info("think: %s does not hold exactly samples 0..%d of its %d questions; sampling "
                  "it again", where, n - 1, len(ids))
         return None
