@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The sampler on an accelerator, as docs/benchmarks.md reports it: the gemma2-2b shape in bf16
 # with random weights, prompt 64; uniform rows, then the ragged Think workload (a lengths file
-# from ../shared/peers/ragged_lengths.py) with 64 slots in file order and longest first.
+# from ../shared/peers/ragged_lengths.py, e.g. --rows 1024: 16 rows a slot, as a real round
+# has many) with 64 slots in file order and longest first.
 # Usage: bash docs/accelerator_check.sh LENGTHS.json   (from the repository root)
 set -euo pipefail
 lengths=${1:?usage: accelerator_check.sh LENGTHS.json}
