@@ -87,9 +87,6 @@ class Stats:
         """The share of slot-steps that drew a token."""
         return round(self.tokens / max(self.slots * self.decode_steps, 1), 4)
 
-    def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "slot_utilization": self.slot_utilization}
-
 
 class SlotDevice(Protocol):
     """The device side of continuous batching, as the scheduler sees it."""
