@@ -128,16 +128,19 @@ def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequ
     if encoded is None:
         encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
     stop_tokens = [t for t in (tokenizer.encode(s) for s in stops) if t]
-
-    def record(g) -> dict:
-        text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
-        return {"completion": text, "finish": "stop" if (cut or g.finish == "stop")
-                else "length", "tokens": g.num_tokens}
-
-    until = None if needed is None else (lambda i, j, g: needed(i, j, record(g)))
+    until = None if needed is None else (
+        lambda i, j, g: needed(i, j, sample_record(g, tokenizer, stops)))
     gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress,
                             stop_tokens=stop_tokens, samples_needed=until)
-    return [[record(g) for g in per_prompt] for per_prompt in gens]
+    return [[sample_record(g, tokenizer, stops) for g in per_prompt] for per_prompt in gens]
+
+
+def sample_record(g, tokenizer, stops: Sequence[str]) -> dict:
+    """A generation as Think records it: text cut at the first stop string, why it ended,
+    tokens drawn."""
+    text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
+    return {"completion": text, "finish": "stop" if (cut or g.finish == "stop") else "length",
+            "tokens": g.num_tokens}
 
 
 # ----------------------------------------------------------------------------- resumable run
