@@ -28,7 +28,7 @@ class ModelConfig:
     num_kv_heads: int = 4
     head_dim: int = 256
     query_pre_attn_scalar: float = 256.0
-    sliding_window: Optional[int] = 4096  # even layers (0, 2, ...) local, odd global; None: all global
+    sliding_window: Optional[int] = 4096  # even layers local, odd global; None: all global
     attn_logit_softcap: Optional[float] = 50.0
     final_logit_softcap: Optional[float] = 30.0
     rope_theta: float = 10000.0

@@ -1,8 +1,8 @@
 """Hugging Face Hub ids where a checkpoint or tokenizer directory is accepted.
 
-`resolve("google/gemma-2-2b-it", "checkpoint")` (or a Llama 3.x / Qwen2 id) downloads (or finds in the cache) only the files
-that kind needs and returns the local snapshot directory; `ORG/NAME@REVISION` pins a branch, tag
-or commit. `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` (cache only) and `HF_TOKEN` are read
+`resolve("google/gemma-2-2b-it", "checkpoint")` (or a Llama 3.x / Qwen2 id) downloads (or finds
+in the cache) only the files that kind needs and returns the local snapshot directory;
+`ORG/NAME@REVISION` pins a branch, tag or commit. `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` (cache only) and `HF_TOKEN` are read
 when called, not at import, so a test or a shell can change them. A local directory of the same
 name wins over an id, and gs:// paths pass through unchanged.
 """

@@ -238,8 +238,9 @@ def embed_tokens(embedding: Array, tokens: Array, cfg: ModelConfig, dtype: Any) 
 
 
 class Gemma2(nn.Module):
-    """The training-layout forward of every family (the name is history): tokens [B, T], positions [B, T] (-1 = padding), optional
-    segment ids of packed rows -> logits [B, T, V] (f32) or the final hidden [B, T, D].
+    """The training-layout forward of every family (the name is history): tokens [B, T],
+    positions [B, T] (-1 = padding), optional segment ids of packed rows -> logits [B, T, V]
+    (f32) or the final hidden [B, T, D].
     Layers are stacked and scanned in pairs; the sampler runs the same `Block`s one by one
     over its own layout and cache (`tpt_jax.engine.layout`)."""
 

@@ -149,7 +149,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: str) -> dict:
         "architectures": ["Gemma2ForCausalLM"], **common,
         "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
         "sliding_window": cfg.sliding_window, "attn_logit_softcapping": cfg.attn_logit_softcap,
-        "final_logit_softcapping": cfg.final_logit_softcap, "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "hidden_activation": "gelu_pytorch_tanh",
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
         "max_position_embeddings": 8192, "attention_bias": False,
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
@@ -323,7 +324,8 @@ def _stage_local(ckpt_dir: str) -> str:
 
 
 def load_hf(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
-    """Read an HF checkpoint (Gemma2, Llama, Qwen2) into params for `model` (sharded if `mesh` is given)."""
+    """Read an HF checkpoint (Gemma2, Llama, Qwen2) into params for `model` (sharded if `mesh`
+    is given)."""
     local = _stage_local(ckpt_dir)
     file_cfg = read_hf_config(local)
     if file_cfg != model.cfg:
