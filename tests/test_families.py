@@ -20,8 +20,8 @@ from tpt_jax.gemma.config import MODEL_PRESETS
 from test_model import batch_with_padding, hf_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-# name -> (transformers class, config kwargs). original_max_position 16 puts the head's
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# name -> (transformers class, config kwargs). original_max_position 64 puts llama-tied's
 # frequencies in all three llama3 bands (kept, blended, divided by the factor).
 FAMILIES = {
     "llama-tied": ("Llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -98,18 +98,16 @@ def test_logits_match_hf_sharded(family):
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
-def test_llama3_rope_scaling_is_exercised(family):
-    """Plain RoPE gives other logits: the parity above depends on the frequency scaling."""
-    name, path, _ = family
-    if name == "qwen2":
-        pytest.skip("Qwen2 has no RoPE scaling")
+def test_rope_frequencies_are_hfs(family):
+    """The RoPE inverse frequencies equal the HF model's own (llama3-scaled for Llama, whose
+    three bands all occur here), and the scaling really changes them."""
+    name, path, hf_model = family
     cfg = weights.read_hf_config(path)
-    params = weights.load_hf(path, M.make_model(cfg))
-    plain = dataclasses.replace(cfg, rope_scaling_factor=None)
-    tokens, mask = batch_with_padding(cfg.vocab_size)
-    a = M.forward(M.make_model(cfg), params, tokens, mask)
-    b = M.forward(M.make_model(plain), params, tokens, mask)
-    assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1e-3
+    ours = np.asarray(M.rope_frequencies(cfg.head_dim, cfg))
+    np.testing.assert_allclose(ours, hf_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    plain = np.asarray(M.rope_frequencies(cfg.head_dim, dataclasses.replace(
+        cfg, rope_scaling_factor=None)))
+    assert (name == "qwen2") == np.array_equal(ours, plain)
 
 
 def test_greedy_matches_hf_generate_sharded(family):

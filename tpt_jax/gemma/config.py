@@ -116,6 +116,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                         num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32.0),
     "small": ModelConfig(vocab_size=8192, embed_dim=512, hidden_dim=2048, num_layers=4, num_heads=8,
                          num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64.0),
+    # `small` as a Llama 3 (SwiGLU, no soft-caps or window, llama3 RoPE; tied, so the same
+    # size): `tpt bench sample` compares the two families' sampler speed.
+    "small-llama": dataclasses.replace(LLAMA31, vocab_size=8192, embed_dim=512, hidden_dim=2048,
+                                       num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64,
+                                       query_pre_attn_scalar=64.0, tie_embeddings=True),
     # The built-in CPU default's model (configs/tiny_cpu.yaml): 0.16M parameters, 4 layers.
     "cpu-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
                             num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
@@ -129,6 +134,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "test-tiny": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=4, num_heads=4,
                              num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
                              sliding_window=8),
+    "test-llama-tiny": dataclasses.replace(LLAMA31, vocab_size=256, embed_dim=64, hidden_dim=128,
+                                           num_layers=4, num_heads=4, num_kv_heads=2,
+                                           head_dim=16, query_pre_attn_scalar=16.0),
+    "test-qwen-tiny": dataclasses.replace(QWEN25, vocab_size=256, embed_dim=64, hidden_dim=128,
+                                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                          query_pre_attn_scalar=16.0),
     "test-27b-like": ModelConfig(vocab_size=256, embed_dim=64, hidden_dim=128, num_layers=2,
                                  num_heads=8, num_kv_heads=4, head_dim=8,
                                  query_pre_attn_scalar=12.0, sliding_window=6),

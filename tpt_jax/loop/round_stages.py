@@ -24,7 +24,7 @@ from tpt_jax.loop.rundir import RunDir
 from tpt_jax.loop.runner import Artifact
 from tpt_jax.loop.setup import Setup
 from tpt_jax.loop.tracking import Tracker
-from tpt_jax.prompts import chat_of
+from tpt_jax.prompts import chat_of, format_prompt
 from tpt_jax.methods import influence, multimodel
 from tpt_jax.methods import synthesize as synth
 from tpt_jax.stages import evaluate, prune, think, train
@@ -84,7 +84,10 @@ def prune_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
     """Verify every sample, select the training examples, then the optional influence
     selection; writes rNN/train.jsonl, prune_stats.json and data_quality.json."""
     samples = think.read_samples(rd.path(tag(r), "samples")) if rc.sources.self else []
-    samples += multimodel.read_source_samples(rc, rd.path(tag(r), "sources"))
+    chat = chat_of(s.tokenizer)
+    trained_prompts = {q["id"]: format_prompt(rc.prompt, q["question"], s.shots, chat)
+                       for q in questions.get()}
+    samples += multimodel.read_source_samples(rc, rd.path(tag(r), "sources"), trained_prompts)
     kept, stats = multimodel.prune_sources(questions.get(), samples, rc.prune, rc.sources.pool)
     if "influence" in {x.strip() for x in rc.prune.strategy.split("+")} and kept:
         kept, stats, rows = influence.apply_to_round(
