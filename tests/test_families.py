@@ -99,8 +99,8 @@ def test_logits_match_hf_sharded(family):
 
 
 def test_rope_frequencies_are_hfs(family):
-    """The RoPE inverse frequencies equal the HF model's own (llama3-scaled for Llama, whose
-    three bands all occur here), and the scaling really changes them."""
+    """The RoPE inverse frequencies equal the HF model's own (llama3-scaled for Llama; all
+    three bands occur in llama-tied), and the scaling really changes them."""
     name, path, hf_model = family
     cfg = weights.read_hf_config(path)
     ours = np.asarray(M.rope_frequencies(cfg.head_dim, cfg))
