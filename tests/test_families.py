@@ -3,6 +3,7 @@ continuations of tiny random checkpoints (GQA 4/2 and 6/2, llama3 RoPE scaling, 
 output, q/k/v biases) sharded on 8 CPU devices, `tpt convert` round trips, preset sizes."""
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from tpt_jax import prompts
 from tpt_jax.config import MeshConfig, TptError
 from tpt_jax.engine import sampler as S
 from tpt_jax.engine.sampling import SamplingConfig
@@ -174,3 +176,26 @@ def test_preset_param_counts(name, published):
     n = M.count_params(M.abstract_params(M.make_model(cfg)))
     assert n == cfg.param_count()
     assert abs(n - published) / published < 0.005
+
+
+def test_hub_id_loads_the_family(family, tmp_path, monkeypatch):
+    """A Hub id of a Llama / Qwen2 checkpoint (offline, from the HF cache) reads as its
+    directory does, with the tokenizer's chat markers."""
+    from test_family_chat import save_tokenizer
+    from test_hub import put_in_cache
+    from tpt_jax.data.builtin_tokenizer import load_tokenizer
+    name, path, _ = family
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    save_tokenizer(src, name.split("-")[0])
+    put_in_cache(str(tmp_path / "home"), f"acme/{name}", str(src))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = weights.read_hf_config(f"acme/{name}")
+    assert cfg == weights.read_hf_config(path)
+    a = weights.load_hf(f"acme/{name}", M.make_model(cfg))
+    b = weights.load_hf(path, M.make_model(cfg))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert prompts.chat_of(load_tokenizer(f"acme/{name}")).end in ("<|eot_id|>", "<|im_end|>")
