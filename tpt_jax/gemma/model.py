@@ -124,6 +124,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, param_dtype: Any, name: Optional[str] = None) -> RMSNorm:
+    """The family's RMSNorm (the one place that knows Gemma stores its scale minus one)."""
     return RMSNorm(cfg.rms_norm_eps, param_dtype, cfg.gemma, name=name)
 
 
