@@ -102,3 +102,17 @@ def test_broken_template_is_one_line(tmp_path):
     with pytest.raises(TptError, match=r"chat template does not show the user message once and "
                                        r"end the model's turn with a marker$"):
         prompts.chat_of(load_tokenizer(str(tmp_path / "bad")))
+
+
+def test_the_date_in_llama_templates_is_pinned(tmp_path):
+    """Llama 3.2+ templates write today's date unless given one: the markers (and so every
+    prompt) must not change from day to day."""
+    hf = save_tokenizer(tmp_path, "llama")
+    hf.chat_template = (
+        "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+        "{%- endif %}{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: "
+        "{{ date_string }}<|eot_id|>" + LLAMA3_TEMPLATE.replace("bos_token + content", "content"))
+    hf.save_pretrained(tmp_path / "dated")
+    chat = prompts.chat_of(load_tokenizer(str(tmp_path / "dated")))
+    assert chat.user.startswith("<|start_header_id|>system<|end_header_id|>\n\nToday Date: "
+                                "26 Jul 2024<|eot_id|><|start_header_id|>user")

@@ -112,12 +112,16 @@ class HFTokenizer:
         if not getattr(self.tok, "chat_template", None):
             return None
         q, a = "QQ7QUESTION7QQ", "AA7ANSWER7AA"
+        # Llama 3.2+ templates write today's date into the system turn unless given one: pin
+        # it (Llama 3.1's own default), so prompts do not change from one day to the next
+        fixed = {"date_string": "26 Jul 2024"}
         try:
             prompt = self.tok.apply_chat_template([{"role": "user", "content": q}],
-                                                  tokenize=False, add_generation_prompt=True)
+                                                  tokenize=False, add_generation_prompt=True,
+                                                  **fixed)
             turn = self.tok.apply_chat_template([{"role": "user", "content": q},
                                                  {"role": "assistant", "content": a}],
-                                                tokenize=False)
+                                                tokenize=False, **fixed)
         except Exception as e:  # jinja raises its own types for template errors
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise TptError(f"tokenizer {self.name}: cannot render its chat template ({first})"
