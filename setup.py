@@ -1,10 +1,10 @@
-"""tpt_jax: Think, Prune, Train for Gemma2 in JAX."""
+"""tpt_jax: Think, Prune, Train for Gemma2, Llama 3.x and Qwen2.5 in JAX."""
 from setuptools import find_packages, setup
 
 setup(
     name="tpt_jax",
     version="0.1.0",
-    description="Think, Prune, Train: self-improving Gemma2 reasoners in JAX (TPU pods to laptop CPU)",
+    description="Think, Prune, Train: self-improving Gemma2, Llama 3.x and Qwen2.5 reasoners in JAX (TPU pods to laptop CPU)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tpt_jax", "tpt_jax.*"]),

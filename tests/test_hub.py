@@ -72,14 +72,14 @@ def test_hub_errors_name_the_id(hub_home, tmp_path):
         weights.read_hf_config("acme/missing")
     with pytest.raises(TptError, match=r"acme/gemma-tiny@v2: .*revision 'v2' .*not in the"):
         weights.load_hf("acme/gemma-tiny@v2", None)
-    llama = tmp_path / "llama"
-    shutil.copytree(src, llama)
-    cfg = (llama / "config.json").read_text().replace('"gemma2"', '"llama"')
-    (llama / "config.json").write_text(cfg)
-    put_in_cache(home, "acme/llama-tiny", str(llama))
-    with pytest.raises(TptError, match=r"^checkpoint acme/llama-tiny: model_type is 'llama'; "
-                                       r"not a Gemma2 model$"):
-        weights.read_hf_config("acme/llama-tiny")
+    mistral = tmp_path / "mistral"
+    shutil.copytree(src, mistral)
+    cfg = (mistral / "config.json").read_text().replace('"gemma2"', '"mistral"')
+    (mistral / "config.json").write_text(cfg)
+    put_in_cache(home, "acme/mistral-tiny", str(mistral))
+    with pytest.raises(TptError, match=r"^checkpoint acme/mistral-tiny: model_type is 'mistral'; "
+                                       r"not a supported model \(gemma2, llama, qwen2\)$"):
+        weights.read_hf_config("acme/mistral-tiny")
 
 
 def test_a_local_directory_wins_over_an_id(hub_home, tmp_path, monkeypatch):

@@ -72,7 +72,8 @@ def test_sample_bytes(tiny_plan):
     assert xla["alias"] >= kv  # the cache is donated
     assert sample["held"] == plan["programs"]["train"]["parts"]["params"]
     assert plan["total"] == max(p["total"] for p in plan["programs"].values())
-    assert plan["fits"] == PL.fits(plan["total"])
+    assert plan["hbm_gib"] == {**PL.TPU_HBM_GIB, "gpu80": 79.6, "gpu141": 140.4}
+    assert plan["fits"] == PL.fits(plan["total"], plan["hbm_gib"])
     assert all(v == "yes" for v in plan["fits"].values())
 
 

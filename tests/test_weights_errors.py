@@ -50,7 +50,8 @@ def edit_config(ckpt, **changes):
 
 
 @pytest.mark.parametrize("changes,pattern", [
-    ({"model_type": "llama"}, r"model_type is 'llama', expected 'gemma2'"),
+    ({"model_type": "mistral"}, r"config\.json: model_type 'mistral' is not supported "
+                                r"\(supported: gemma2, llama, qwen2\)$"),
     ({"hidden_activation": "silu"}, r"hidden_activation 'silu'"),
     ({"num_hidden_layers": None}, r"field 'num_hidden_layers' is missing"),
     ({"tie_word_embeddings": False}, r"tie_word_embeddings"),

@@ -1,2 +1,2 @@
-"""tpt_jax: Think, Prune, Train for Gemma2 in JAX."""
+"""tpt_jax: Think, Prune, Train for Gemma2, Llama 3.x and Qwen2.5 in JAX."""
 __version__ = "0.1.0"

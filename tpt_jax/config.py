@@ -179,6 +179,9 @@ class SourceConfig:
     model: str = "test-tiny"  # preset (architecture) when no checkpoint says otherwise
     checkpoint: Optional[str] = None  # Orbax params dir, HF dir or Hub id; None: random
     n: Optional[int] = None  # samples per question; None: compute-matched to think.n
+    # Its own tokenizer (dir or Hub id) when it is of another family than the trained model:
+    # it samples with its own chat template, and its samples are re-tokenized for training.
+    tokenizer: Optional[str] = None
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """Prompt templates by name, the completion shape each expects, and its stop strings.
 
-- `zero-shot`: TPT's set-up. Gemma's chat template around an instruction to work step by step
-  and finish with `#### <answer>`; the model's turn is the completion.
+- `zero-shot`: TPT's set-up. The model's chat template around an instruction to work step by
+  step and finish with `#### <answer>`; the model's turn is the completion. The turn markers
+  are a `Chat`: Gemma's by default, else what the tokenizer's own chat template says
+  (`gemma.tokenizer.HFTokenizer.chat`: Llama 3's headers, Qwen's `<|im_start|>`).
 - `few-shot` (or `few-shot:K`): the compute-optimal sampling paper's set-up. K worked examples as
   `Question: ...\\nAnswer: ...` blocks, then the question; the completion continues after
   `Answer:`.
@@ -13,6 +15,7 @@ split between them (the leading space belongs to the completion) is fixed here, 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 from tpt_jax.errors import ConfigError
@@ -20,23 +23,36 @@ from tpt_jax.errors import ConfigError
 INSTRUCTION = ("Solve the following math problem step by step. Show your work, and end your "
                "answer with a final line of the form \"#### <answer>\", where <answer> is the "
                "final number.")
-CHAT_USER = "<start_of_turn>user\n"
-CHAT_MODEL = "<start_of_turn>model\n"
-END_OF_TURN = "<end_of_turn>"
 DEFAULT_SHOTS = 4
 
-STOPS = {
-    "zero-shot": [END_OF_TURN],
-    "few-shot": ["\nQuestion:"],
-    "plain": ["\nQuestion:"],
-}
-TEMPLATES = tuple(STOPS)
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """A chat template's turn markers around one user message: `user` opens the conversation
+    (after BOS, which the tokenizer adds), `model` closes the user's turn and opens the
+    model's, and `end` ends a turn (so it is the completion's stop string)."""
+
+    user: str
+    model: str
+    end: str
+
+
+GEMMA_CHAT = Chat("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
+                  "<end_of_turn>")
+
+TEMPLATES = ("zero-shot", "few-shot", "plain")
+QA_STOPS = ["\nQuestion:"]  # few-shot and plain completions end where the next question starts
+
+
+def chat_of(tokenizer) -> Chat:
+    """The tokenizer's chat markers (`chat` attribute), Gemma's when it has none."""
+    return getattr(tokenizer, "chat", None) or GEMMA_CHAT
 
 
 def parse_template(name: str) -> tuple[str, int]:
     """'few-shot:8' -> ('few-shot', 8); other names -> (name, 0). Unknown names: ConfigError."""
     base, _, k = name.partition(":")
-    if base not in STOPS:
+    if base not in TEMPLATES:
         raise ConfigError(f"prompt: unknown template {name!r}; known: {', '.join(TEMPLATES)} "
                           f"(few-shot takes an optional count, e.g. few-shot:8)")
     if base != "few-shot":
@@ -60,12 +76,14 @@ def _qa(question: str, answer: Optional[str] = None) -> str:
     return text if answer is None else f"{text} {answer.strip()}"
 
 
-def format_prompt(template: str, question: str, shots: Optional[Sequence[dict]] = None) -> str:
+def format_prompt(template: str, question: str, shots: Optional[Sequence[dict]] = None,
+                  chat: Chat = GEMMA_CHAT) -> str:
     """The prompt text for one question. `shots`: records with question/answer (worked
-    solutions), required by few-shot; the first K of them are used."""
+    solutions), required by few-shot; the first K of them are used. `chat`: the model's turn
+    markers (zero-shot)."""
     base, k = parse_template(template)
     if base == "zero-shot":
-        return f"{CHAT_USER}{INSTRUCTION}\n\n{question.strip()}{END_OF_TURN}\n{CHAT_MODEL}"
+        return f"{chat.user}{INSTRUCTION}\n\n{question.strip()}{chat.model}"
     if base == "plain":
         return _qa(question)
     shots = list(shots or [])
@@ -84,9 +102,10 @@ def format_completion(template: str, solution: str) -> str:
     return solution if base == "zero-shot" else " " + solution
 
 
-def stop_strings(template: str) -> list[str]:
+def stop_strings(template: str, chat: Chat = GEMMA_CHAT) -> list[str]:
     """Strings that end a completion for this template (in addition to EOS)."""
-    return list(STOPS[parse_template(template)[0]])
+    base = parse_template(template)[0]
+    return [chat.end] if base == "zero-shot" else list(QA_STOPS)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

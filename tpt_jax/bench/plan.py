@@ -25,7 +25,8 @@ matmuls in f32 and keeps f32 copies of the bf16-cast weights (for Think, outside
 loop: about the size of the f32 weights). Argument, output and state sizes are exact.
 `--tpu v5e:2x4` (any TYPE:topology libtpu knows) compiles with the real TPU compiler instead,
 on this machine, no TPU needed (libtpu must be installed): then the temporaries are the TPU's.
-"tight" means more than 90% of the device's HBM (the runtime needs some for itself).
+"tight" means more than 90% of the device's HBM (the runtime needs some for itself). CPU-device
+plans are also compared with an 80 GB and a 141 GB GPU (`gpu80`, `gpu141`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 GiB = 1024 ** 3
 # HBM per chip (GiB), as Google documents each generation.
 TPU_HBM_GIB = {"v5e": 16, "v4": 32, "v6e": 32, "v5p": 95}
+# Memory per GPU (GiB) as the cards report it: an "80 GB" H100 has 81,559 MiB, a 141 GB H200
+# 143,771 MiB. Plans compiled for CPU devices are compared with both kinds too.
+GPU_HBM_GIB = {"gpu80": 79.6, "gpu141": 140.4}
 TIGHT = 0.9  # above this share of HBM a fit is "tight"
 
 
@@ -286,7 +290,7 @@ def make_plan(cfg: RunConfig, devices: Optional[int] = None,
             raise TptError(f"this process has fewer than {devices} CPU devices; set "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before "
                            f"JAX starts (the tpt plan command does this itself)")
-        hbm_gib = dict(TPU_HBM_GIB)
+        hbm_gib = {**TPU_HBM_GIB, **GPU_HBM_GIB}
     mcfg = model_preset(cfg.model)
     mesh = make_mesh(cfg.mesh, devs)
     model = make_model(mcfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)

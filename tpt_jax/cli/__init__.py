@@ -33,7 +33,7 @@ MULTI_HOST = ("run", "think", "train", "eval", "convert")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpt", description="Think, Prune, Train for Gemma2 in JAX.")
+    parser = argparse.ArgumentParser(prog="tpt", description="Think, Prune, Train for Gemma2, Llama 3.x and Qwen2.5 in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 def add_cli(parser) -> None:
     d = ThinkConfig()
     parser.add_argument("--dataset", required=True, help="JSONL with id, question (and answer)")
-    parser.add_argument("--checkpoint", help="HF Gemma2 checkpoint dir (config.json) or Orbax "
-                        "params dir (model.json); local or gs://")
+    parser.add_argument("--checkpoint", help="HF checkpoint dir (Gemma2, Llama, Qwen2; "
+                        "config.json) or Orbax params dir (model.json); local or gs://")
     parser.add_argument("--model", help="model preset with random weights (smoke tests) when "
                         "no --checkpoint is given")
     parser.add_argument("--tokenizer", default="builtin",

@@ -29,8 +29,8 @@ def add_cli(parser) -> None:
                         help="training examples JSONL (prompt, completion; written by tpt prune)")
     parser.add_argument("--eval-examples", help="held-out examples JSONL for the eval loss "
                         "(default: train.eval_fraction of --examples, if set)")
-    parser.add_argument("--checkpoint", help="HF Gemma2 checkpoint: local or gs:// dir, or Hub id "
-                        "ORG/NAME[@REV]; default: the config's checkpoint, else a random init of "
+    parser.add_argument("--checkpoint", help="HF checkpoint (Gemma2, Llama, Qwen2): local or "
+                        "gs:// dir, or Hub id ORG/NAME[@REV]; default: the config's checkpoint, else a random init of "
                         "the config's model preset")
     parser.add_argument("--tokenizer", help="sentencepiece .model, HF tokenizer dir, Hub id or "
                         "'builtin' (default: the config's tokenizer)")

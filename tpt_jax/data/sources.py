@@ -194,11 +194,14 @@ def load_seed(cfg: DataConfig, skips: Optional[tio.Skips] = None) -> list[dict]:
     return []
 
 
-def seed_examples(cfg: DataConfig, template: str, shots: Optional[list] = None) -> list[dict]:
-    """Seed solutions as training examples (the record format Prune writes and Train reads)."""
+def seed_examples(cfg: DataConfig, template: str, shots: Optional[list] = None,
+                  chat=None) -> list[dict]:
+    """Seed solutions as training examples (the record format Prune writes and Train reads);
+    `chat`: the trained model's turn markers (`prompts.chat_of(tokenizer)`), Gemma's if None."""
     from tpt_jax import prompts
 
+    chat = chat or prompts.GEMMA_CHAT
     return [{"id": r["id"], "sample": 0, "source": "seed",
-             "prompt": prompts.format_prompt(template, r["question"], shots),
+             "prompt": prompts.format_prompt(template, r["question"], shots, chat),
              "completion": prompts.format_completion(template, r["answer"])}
             for r in load_seed(cfg)]

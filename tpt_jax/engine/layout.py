@@ -34,14 +34,17 @@ def transposed_unembed() -> bool:
 
 def split_layers(params: Any, cfg: ModelConfig, transpose: bool) -> dict:
     """Training layout -> sampling layout: {embedding, final_norm, blocks: one tree per layer
-    (layer 2p local, 2p + 1 global), unembed: E.T when `transpose`}."""
+    (layer 2p from the pair's "local" half, 2p + 1 from its "global" half), lm_head when
+    untied, unembed: the output embedding transposed when `transpose`}."""
     names = ("local", "global")
     blocks = [jax.tree.map(lambda x: x[i], params["layers"][name])
               for i in range(cfg.num_layers // 2) for name in names]
     out = {"embedding": params["embedding"], "final_norm": params["final_norm"],
            "blocks": blocks}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = params["lm_head"]
     if transpose:
-        out["unembed"] = params["embedding"].T
+        out["unembed"] = M.output_embedding(params, cfg).T
     return out
 
 
@@ -59,6 +62,8 @@ def layout_shardings(model: M.Gemma2, mesh, rules, transpose: bool) -> dict:
     out = {"embedding": sh["embedding"], "final_norm": sh["final_norm"],
            "blocks": [jax.tree.map(drop, sh["layers"][name])
                       for _ in range(model.cfg.num_layers // 2) for name in ("local", "global")]}
+    if not model.cfg.tie_embeddings:
+        out["lm_head"] = sh["lm_head"]
     if transpose:
         spec = tuple(sh["embedding"].spec) + (None,) * (2 - len(sh["embedding"].spec))
         out["unembed"] = NamedSharding(mesh, P(spec[1], spec[0]))
@@ -115,7 +120,7 @@ class SamplingWeights:
 def logits_of(sp: dict, hidden: Array, cfg: ModelConfig) -> Array:
     """Final logits (f32, soft-capped) from the sampling layout."""
     if "unembed" not in sp:
-        return M.logits_from_hidden(sp["embedding"], hidden, cfg)
+        return M.logits_from_hidden(M.output_embedding(sp, cfg), hidden, cfg)
     logits = jnp.einsum("...d,dv->...v", hidden, sp["unembed"].astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_logit_softcap)
@@ -123,7 +128,7 @@ def logits_of(sp: dict, hidden: Array, cfg: ModelConfig) -> Array:
 
 def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
                    cache: SlotCache, index: Array) -> tuple[Array, SlotCache]:
-    """Gemma2 over the sampling layout: the model's own `Block`s, one call per layer
+    """The model over the sampling layout: the model's own `Block`s, one call per layer
     (unrolled), each attending through its `LayerView`, writing the T new keys at cache
     column `index` (a scalar, or one column per row). Returns the final hidden [B, T, D]."""
     cfg, dt = model.cfg, model.dtype
@@ -132,11 +137,11 @@ def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
     key_pos = write_positions(cache.pos, positions, index)
     ks, vs = [], []
     for layer, bp in enumerate(sp["blocks"]):
-        block = M.Block(cfg, layer % 2 == 0, dt, model.param_dtype)
+        block = M.Block(cfg, cfg.local_layer(layer), dt, model.param_dtype)
         view = LayerView(k=cache.k[layer], v=cache.v[layer], pos=key_pos, index=index)
         x, view = block.apply({"params": bp}, x, positions, None, view)
         ks.append(view.k)
         vs.append(view.v)
-    x = M.RMSNorm(cfg.rms_norm_eps, model.param_dtype).apply({"params": sp["final_norm"]}, x)
+    x = M.make_norm(cfg, model.param_dtype).apply({"params": sp["final_norm"]}, x)
     return x, SlotCache(k=tuple(ks), v=tuple(vs), pos=key_pos)
 

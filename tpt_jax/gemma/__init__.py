@@ -1,1 +1,2 @@
-"""The model core: Gemma2 definition, sharding rules, weights, checkpoints, tokenizers."""
+"""The model core: one definition for Gemma2, Llama 3.x and Qwen2 (the package name is history),
+sharding rules, weights, checkpoints, tokenizers."""

@@ -1,4 +1,5 @@
-"""Gemma2 attention after the projections: one entry point, `attend`, chosen by the cache.
+"""Attention after the projections (every family): one entry point, `attend`, chosen by the
+cache.
 
 The training forward has no cache: queries attend within their sequence (`self_attention`).
 Sampling hands each layer a cache object that implements
@@ -10,7 +11,7 @@ kernel is one more such class), so the model never knows how keys are stored.
 
 Masks come from positions: a key with position < 0 is padding or an empty cache slot and is
 never attended to; local (sliding-window) layers see the last `sliding_window` positions.
-Logits are soft-capped and computed in f32.
+Logits are computed in f32 and soft-capped where the config has a cap (Gemma2).
 """
 from __future__ import annotations
 

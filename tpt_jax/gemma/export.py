@@ -18,6 +18,7 @@ from tpt_jax.config import TptError
 from tpt_jax.gemma.config import ModelConfig
 from tpt_jax.gemma import tokenizer as T
 from tpt_jax.gemma import weights
+from tpt_jax.prompts import chat_of
 
 
 def export_hf(params: Any, model_cfg: ModelConfig, tok: T.Tokenizer, out_dir: str,
@@ -61,9 +62,10 @@ def save_tokenizer(tok: T.Tokenizer, out_dir: str) -> None:
 
 
 def stop_ids(tok: T.Tokenizer) -> list[int]:
-    """EOS, and Gemma's <end_of_turn> when the tokenizer has it as one piece (chat prompts)."""
+    """EOS, and the chat's end of turn (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, ...) when
+    the tokenizer has it as one piece (chat prompts)."""
     ids = [tok.eos_id]
-    turn = tok.encode("<end_of_turn>")
+    turn = tok.encode(chat_of(tok).end)
     if len(turn) == 1 and turn[0] not in ids and turn[0] != getattr(tok, "unk_id", T.GEMMA_UNK):
         ids.append(turn[0])
     return ids

@@ -1,8 +1,8 @@
 """Hugging Face Hub ids where a checkpoint or tokenizer directory is accepted.
 
-`resolve("google/gemma-2-2b-it", "checkpoint")` downloads (or finds in the cache) only the files
-that kind needs and returns the local snapshot directory; `ORG/NAME@REVISION` pins a branch, tag
-or commit. `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` (cache only) and `HF_TOKEN` are read
+`resolve("google/gemma-2-2b-it", "checkpoint")` (or a Llama 3.x / Qwen2 id) downloads (or finds
+in the cache) only the files that kind needs and returns the local snapshot directory;
+`ORG/NAME@REVISION` pins a branch, tag or commit. `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1` (cache only) and `HF_TOKEN` are read
 when called, not at import, so a test or a shell can change them. A local directory of the same
 name wins over an id, and gs:// paths pass through unchanged.
 """
@@ -14,6 +14,7 @@ import re
 from typing import Optional
 
 from tpt_jax.config import TptError
+from tpt_jax.gemma.config import FAMILIES
 
 # Files fetched per kind (safetensors only: tpt never reads .bin or .gguf weights).
 PATTERNS = {
@@ -55,7 +56,7 @@ def resolve(path_or_id: Optional[str], what: str = "checkpoint") -> Optional[str
     if key not in _RESOLVED:
         local = _download(path_or_id, what)
         if what == "checkpoint":
-            check_gemma2(path_or_id, local)
+            check_supported(path_or_id, local)
         _RESOLVED[key] = local
     return _RESOLVED[key]
 
@@ -90,8 +91,9 @@ def _download(hub_id: str, what: str) -> str:
         raise TptError(f"{what} {hub_id}: download failed ({first})") from None
 
 
-def check_gemma2(hub_id: str, local: str) -> None:
-    """A Hub checkpoint must be a Gemma2 one; say so with the id, not the snapshot path."""
+def check_supported(hub_id: str, local: str) -> None:
+    """A Hub checkpoint must be of a supported family; say so with the id, not the snapshot
+    path."""
     where = os.path.join(local, "config.json")
     if not os.path.exists(where):
         raise TptError(f"checkpoint {hub_id}: the repository has no config.json")
@@ -103,5 +105,6 @@ def check_gemma2(hub_id: str, local: str) -> None:
             model_type = json.load(f).get("model_type")
     except (ValueError, AttributeError):
         raise TptError(f"checkpoint {hub_id}: config.json is not a JSON object") from None
-    if model_type != "gemma2":
-        raise TptError(f"checkpoint {hub_id}: model_type is {model_type!r}; not a Gemma2 model")
+    if model_type not in FAMILIES:
+        raise TptError(f"checkpoint {hub_id}: model_type is {model_type!r}; not a supported "
+                       f"model ({', '.join(FAMILIES)})")

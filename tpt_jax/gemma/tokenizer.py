@@ -1,13 +1,16 @@
 """Tokenizers: SentencePiece models (local or gs://), HF tokenizer dirs, and training a
 SentencePiece model with Gemma's ids.
 
-All of them follow Gemma's id layout (pad=0, eos=1, bos=2; unk=3 for the builtin), so the model,
-sampler and trainer never special-case a tokenizer. `encode` never adds BOS/EOS unless asked:
-the sampler and trainer decide where those go. The builtin tokenizer (trained on the synthetic
+SentencePiece models follow Gemma's id layout (pad=0, eos=1, bos=2; unk=3 for the builtin); HF
+tokenizers give their own ids (Gemma's as fallback), and one without a BOS token (Qwen) gets
+none. `encode` never adds BOS/EOS unless asked: the sampler and trainer decide where those go.
+An HF tokenizer's `chat` holds the turn markers of its chat template, which zero-shot prompts
+use (`prompts.Chat`). The builtin tokenizer (trained on the synthetic
 task's text) and `load_tokenizer` live in `data.builtin_tokenizer`, above the data they need.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -17,6 +20,7 @@ from typing import Optional, Protocol, Sequence
 from tpt_jax import io as tio
 from tpt_jax.config import TptError
 from tpt_jax.gemma import hub
+from tpt_jax.prompts import Chat
 
 GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = 0, 1, 2, 3
 # Atomic pieces: newlines carry the solution's line structure; chat markers and the calculator
@@ -28,7 +32,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     pad_id: int
     eos_id: int
-    bos_id: int
+    bos_id: Optional[int]  # None: the tokenizer has no BOS (Qwen)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
@@ -72,7 +76,8 @@ class SentencePieceTokenizer:
 class HFTokenizer:
     """`transformers.AutoTokenizer` from a local dir (or gs:// dir, copied locally first).
 
-    For real Gemma2 checkpoints; ids come from the tokenizer, Gemma's values as fallback."""
+    For real checkpoints; ids come from the tokenizer, Gemma's values as fallback for pad and
+    eos. A tokenizer without a BOS token gets none (`bos_id` None), as HF encodes for Qwen."""
 
     def __init__(self, directory: str | os.PathLike):
         from transformers import AutoTokenizer
@@ -87,15 +92,48 @@ class HFTokenizer:
         self.vocab_size = len(self.tok)
         self.pad_id = _or(self.tok.pad_token_id, GEMMA_PAD)
         self.eos_id = _or(self.tok.eos_token_id, GEMMA_EOS)
-        self.bos_id = _or(self.tok.bos_token_id, GEMMA_BOS)
+        self.bos_id = self.tok.bos_token_id
+        # only ids the tokenizer really has as pad/bos/eos are dropped when decoding (Llama 3
+        # has no pad token, and id 0, Gemma's pad, is "!" there)
+        self._specials = {i for i in (self.tok.pad_token_id, self.tok.bos_token_id,
+                                      self.tok.eos_token_id) if i is not None}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(self.tok.encode(text, add_special_tokens=False))
-        return [self.bos_id] + ids if add_bos else ids
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        specials = (self.pad_id, self.bos_id, self.eos_id)
-        return self.tok.decode([int(i) for i in ids if int(i) not in specials])
+        return self.tok.decode([int(i) for i in ids if int(i) not in self._specials])
+
+    @functools.cached_property
+    def chat(self) -> Optional[Chat]:
+        """The turn markers of the tokenizer's chat template (None without one), found by
+        rendering a one-question conversation with placeholders for the messages."""
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        q, a = "QQ7QUESTION7QQ", "AA7ANSWER7AA"
+        # Llama 3.2+ templates write today's date into the system turn unless given one: pin
+        # it (Llama 3.1's own default), so prompts do not change from one day to the next
+        fixed = {"date_string": "26 Jul 2024"}
+        try:
+            prompt = self.tok.apply_chat_template([{"role": "user", "content": q}],
+                                                  tokenize=False, add_generation_prompt=True,
+                                                  **fixed)
+            turn = self.tok.apply_chat_template([{"role": "user", "content": q},
+                                                 {"role": "assistant", "content": a}],
+                                                tokenize=False, **fixed)
+        except Exception as e:  # jinja raises its own types for template errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise TptError(f"tokenizer {self.name}: cannot render its chat template ({first})"
+                           ) from None
+        if prompt.count(q) != 1 or turn.count(a) != 1 or not turn.split(a)[1].strip():
+            raise TptError(f"tokenizer {self.name}: its chat template does not show the user "
+                           f"message once and end the model's turn with a marker")
+        user, model = prompt.split(q)
+        bos = self.tok.bos_token
+        if bos and user.startswith(bos):  # the sampler and trainer add BOS as an id
+            user = user[len(bos):]
+        return Chat(user=user, model=model, end=turn.split(a)[1].strip())
 
 
 def _or(value: Optional[int], default: int) -> int:

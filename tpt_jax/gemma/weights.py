@@ -1,4 +1,4 @@
-"""HF Gemma2 checkpoints <-> params, and Orbax params for `tpt convert`.
+"""HF checkpoints (Gemma2, Llama, Qwen2) <-> params, and Orbax params for `tpt convert`.
 
 Loading is sharded from birth: every device shard is read straight from the safetensors
 files with `jax.make_array_from_callback`, slicing the HF tensor to just the rows and
@@ -23,7 +23,7 @@ from tpt_jax import distributed, faults, io
 from tpt_jax.config import TptError
 from tpt_jax.config_io import from_dict
 from tpt_jax.gemma import hub, manifest
-from tpt_jax.gemma.config import ModelConfig
+from tpt_jax.gemma.config import FAMILIES, ModelConfig
 from tpt_jax.gemma.model import Gemma2, abstract_params, as_dtype, param_shardings
 
 # ----------------------------------------------------------------------------- config.json
@@ -34,40 +34,73 @@ def read_hf_config(ckpt_dir: str) -> ModelConfig:
     ckpt_dir = hub.resolve(ckpt_dir, "checkpoint")  # a Hub id -> its cached snapshot
     where = f"{ckpt_dir}/config.json"
     raw = io.read_json(where)
-    if raw.get("model_type") != "gemma2":
-        raise TptError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'gemma2'")
-    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise TptError(f"{where}: hidden_activation {act!r} is not Gemma2's gelu_pytorch_tanh")
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise TptError(f"{where}: model_type {family!r} is not supported (supported: "
+                       f"{', '.join(FAMILIES)})")
+    gemma = family == "gemma2"
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or (
+        "gelu_pytorch_tanh" if gemma else "silu")
+    if act not in (("gelu_pytorch_tanh", "gelu_tanh") if gemma else ("silu",)):
+        raise TptError(f"{where}: {'hidden_activation' if gemma else 'hidden_act'} {act!r} is not "
+                       f"{family}'s "
+                       f"{'gelu_pytorch_tanh' if gemma else 'silu'}")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim")
-    for key in required:
+                "num_attention_heads", "num_key_value_heads") + (("head_dim",) if gemma else ())
+    for key in required + (("head_dim",) if raw.get("head_dim") is not None else ()):
         if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), int):
             raise TptError(f"{where}: field {key!r} is missing or not an integer")
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // max(1, raw["num_attention_heads"])
     layer_types = raw.get("layer_types")
+    local = lambda i: gemma and i % 2 == 0
     if layer_types is not None and (
             not isinstance(layer_types, list) or len(layer_types) != raw["num_hidden_layers"]
-            or any(t != ("sliding_attention" if i % 2 == 0 else "full_attention")
+            or any(t != ("sliding_attention" if local(i) else "full_attention")
                    for i, t in enumerate(layer_types))):
-        raise TptError(f"{where}: layer_types must alternate sliding/full starting with "
-                       f"sliding, as in Gemma2")
-    if raw.get("tie_word_embeddings") is False:
+        raise TptError(f"{where}: layer_types must " + (
+            "alternate sliding/full starting with sliding, as in Gemma2" if gemma
+            else "all be full_attention (sliding-window layers are not supported)"))
+    if raw.get("use_sliding_window") or raw.get("mlp_bias"):
+        key = "use_sliding_window" if raw.get("use_sliding_window") else "mlp_bias"
+        raise TptError(f"{where}: {key} is true; not supported for {family}")
+    tie = raw.get("tie_word_embeddings", gemma)
+    if gemma and tie is False:
         raise TptError(f"{where}: tie_word_embeddings is false; Gemma2 ties the output embedding")
-    rope = raw.get("rope_parameters") or {}
+    if not isinstance(tie, bool):
+        raise TptError(f"{where}: field 'tie_word_embeddings' must be true or false, got {tie!r}")
+    bias = True if family == "qwen2" else raw.get("attention_bias", False)
+    if not isinstance(bias, bool):
+        raise TptError(f"{where}: field 'attention_bias' must be true or false, got {bias!r}")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise TptError(f"{where}: field 'rope_parameters' is not a mapping")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise TptError(f"{where}: rope_type {rope_type!r} is not supported (default, llama3)")
+    scaling = {}
+    if rope_type == "llama3":
+        scaling = dict(
+            rope_scaling_factor=float(_number(rope, "factor", None, where)),
+            rope_low_freq_factor=float(_number(rope, "low_freq_factor", None, where)),
+            rope_high_freq_factor=float(_number(rope, "high_freq_factor", None, where)),
+            rope_original_max_position=int(_number(rope, "original_max_position_embeddings",
+                                                   None, where)))
+    softcaps = dict(
+        query_pre_attn_scalar=float(_number(raw, "query_pre_attn_scalar", head_dim, where)),
+        sliding_window=int(_number(raw, "sliding_window", None, where, True) or 4096),
+        attn_logit_softcap=_number(raw, "attn_logit_softcapping", 50.0, where, True),
+        final_logit_softcap=_number(raw, "final_logit_softcapping", 30.0, where, True),
+    ) if gemma else dict(query_pre_attn_scalar=float(head_dim), sliding_window=None,
+                         attn_logit_softcap=None, final_logit_softcap=None)
     cfg = ModelConfig(
         vocab_size=raw["vocab_size"], embed_dim=raw["hidden_size"],
         hidden_dim=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
         num_heads=raw["num_attention_heads"], num_kv_heads=raw["num_key_value_heads"],
-        head_dim=raw["head_dim"],
-        query_pre_attn_scalar=float(_number(raw, "query_pre_attn_scalar", raw["head_dim"], where)),
-        sliding_window=int(_number(raw, "sliding_window", None, where, True) or 4096),
-        attn_logit_softcap=_number(raw, "attn_logit_softcapping", 50.0, where, True),
-        final_logit_softcap=_number(raw, "final_logit_softcapping", 30.0, where, True),
+        head_dim=head_dim, **softcaps,
         rope_theta=float(_number(rope if "rope_theta" in rope else raw, "rope_theta", 10000.0,
                                  where)),
-        rms_norm_eps=float(_number(raw, "rms_norm_eps", 1e-6, where)))
+        rms_norm_eps=float(_number(raw, "rms_norm_eps", 1e-6, where)),
+        family=family, attention_bias=bias, tie_embeddings=tie, **scaling)
     cfg.validate(where)
     return cfg
 
@@ -87,19 +120,39 @@ def _int_if_whole(x: float):
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: str) -> dict:
-    return {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+    """config.json for `cfg`, as transformers writes it for the family."""
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                    low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    common = {
+        "model_type": cfg.family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
+        "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": dtype,
+        "dtype": dtype}
+    if not cfg.gemma:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.family]
+        extra = ({"attention_bias": cfg.attention_bias, "mlp_bias": False} if cfg.family == "llama"
+                 else {"use_sliding_window": False})
+        return {"architectures": [arch], **common, "hidden_act": "silu",
+                "max_position_embeddings": (
+                    cfg.rope_original_max_position * int(cfg.rope_scaling_factor)
+                    if cfg.rope_scaling_factor else 32768),
+                "rope_scaling": None if cfg.rope_scaling_factor is None else rope,
+                "layer_types": ["full_attention"] * cfg.num_layers, **extra}
+    return {
+        "architectures": ["Gemma2ForCausalLM"], **common,
+        "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
         "sliding_window": cfg.sliding_window, "attn_logit_softcapping": cfg.attn_logit_softcap,
-        "final_logit_softcapping": cfg.final_logit_softcap, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "rms_norm_eps": cfg.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-        "max_position_embeddings": 8192, "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "torch_dtype": dtype, "dtype": dtype,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+        "max_position_embeddings": 8192, "attention_bias": False,
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
                         for i in range(cfg.num_layers)],
     }
@@ -120,7 +173,13 @@ _LAYER_TENSORS = {
     ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", "same"),
     ("pre_ffw_norm", "scale"): ("pre_feedforward_layernorm.weight", "same"),
     ("post_ffw_norm", "scale"): ("post_feedforward_layernorm.weight", "same"),
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", "bias_heads"),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", "bias_heads"),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", "bias_heads"),
 }
+# Llama and Qwen2 have no post-norms; HF calls their pre-MLP norm post_attention_layernorm.
+_LLAMA_TENSORS = {**_LAYER_TENSORS,
+                  ("pre_ffw_norm", "scale"): ("post_attention_layernorm.weight", "same")}
 _SUB = {"local": 0, "global": 1}
 
 
@@ -131,6 +190,8 @@ def _hf_shape(kind: str, ours: tuple) -> tuple:
         return (ours[2], ours[0] * ours[1])
     if kind == "transpose":
         return (ours[1], ours[0])
+    if kind == "bias_heads":  # ours [N, H] <- HF [N*H]
+        return (ours[0] * ours[1],)
     return tuple(ours)
 
 
@@ -155,6 +216,10 @@ def _read_block(sl, kind: str, ours_shape: tuple, rng: list) -> np.ndarray:
         H = ours_shape[1]
         block = sl[d0:d1, n0 * H:n1 * H].T.reshape(n1 - n0, H, d1 - d0)
         return block[:, h0:h1, :]
+    if kind == "bias_heads":  # ours [N, H]
+        (n0, n1), (h0, h1) = rng
+        H = ours_shape[1]
+        return sl[n0 * H:n1 * H].reshape(n1 - n0, H)[:, h0:h1]
     raise ValueError(kind)
 
 
@@ -165,17 +230,22 @@ def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1, x.shape[-1]).T
     if kind == "transpose":
         return x.T
+    if kind == "bias_heads":
+        return x.reshape(-1)
     return x
 
 
-def _leaf_spec(path: tuple) -> tuple[str, Optional[str]]:
+def _leaf_spec(path: tuple, cfg: ModelConfig) -> tuple[str, Optional[str]]:
     """Our param path -> (kind, HF name template with {layer}), or (kind, name)."""
     if path == ("embedding",):
         return "same", "model.embed_tokens.weight"
+    if path == ("lm_head",):
+        return "same", "lm_head.weight"
     if path == ("final_norm", "scale"):
         return "same", "model.norm.weight"
-    if path[0] == "layers" and tuple(path[2:]) in _LAYER_TENSORS:
-        suffix, kind = _LAYER_TENSORS[tuple(path[2:])]
+    table = _LAYER_TENSORS if cfg.gemma else _LLAMA_TENSORS
+    if path[0] == "layers" and tuple(path[2:]) in table:
+        suffix, kind = table[tuple(path[2:])]
         return kind, "model.layers.{layer}." + suffix
     raise KeyError(f"no HF name for parameter {'/'.join(path)}")
 
@@ -254,7 +324,8 @@ def _stage_local(ckpt_dir: str) -> str:
 
 
 def load_hf(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
-    """Read an HF Gemma2 checkpoint into params for `model` (sharded if `mesh` is given)."""
+    """Read an HF checkpoint (Gemma2, Llama, Qwen2) into params for `model` (sharded if `mesh`
+    is given)."""
     local = _stage_local(ckpt_dir)
     file_cfg = read_hf_config(local)
     if file_cfg != model.cfg:
@@ -269,7 +340,7 @@ def load_hf(ckpt_dir: str, model: Gemma2, mesh=None, rules=None) -> Any:
 
     plan = []  # (path, shape, kind, [hf names per stacked row] or name)
     for path, leaf in _paths(abstract):
-        kind, template = _leaf_spec(path)
+        kind, template = _leaf_spec(path, model.cfg)
         if path[0] == "layers":
             names = [template.format(layer=2 * p + _SUB[path[1]]) for p in range(pairs)]
             per = leaf.shape[1:]
@@ -315,12 +386,12 @@ def _host(x: jax.Array) -> np.ndarray:
 
 def save_hf(params: Any, cfg: ModelConfig, out_dir: str, dtype: str = "float32",
             max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write params as an HF checkpoint that `Gemma2ForCausalLM.from_pretrained` loads.
+    """Write params as an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads.
     Every process must call it (arrays are gathered); only process 0 writes."""
     np_dtype = np.dtype(as_dtype(dtype))
     tensors: dict[str, np.ndarray] = {}
     for path, leaf in _paths(params):
-        kind, template = _leaf_spec(path)
+        kind, template = _leaf_spec(path, cfg)
         if path[0] == "layers":
             for p in range(leaf.shape[0]):
                 name = template.format(layer=2 * p + _SUB[path[1]])

@@ -24,6 +24,7 @@ from tpt_jax.loop.rundir import RunDir
 from tpt_jax.loop.runner import Artifact
 from tpt_jax.loop.setup import Setup
 from tpt_jax.loop.tracking import Tracker
+from tpt_jax.prompts import chat_of, format_prompt
 from tpt_jax.methods import influence, multimodel
 from tpt_jax.methods import synthesize as synth
 from tpt_jax.stages import evaluate, prune, think, train
@@ -83,12 +84,15 @@ def prune_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
     """Verify every sample, select the training examples, then the optional influence
     selection; writes rNN/train.jsonl, prune_stats.json and data_quality.json."""
     samples = think.read_samples(rd.path(tag(r), "samples")) if rc.sources.self else []
-    samples += multimodel.read_source_samples(rc, rd.path(tag(r), "sources"))
+    chat = chat_of(s.tokenizer)
+    trained_prompts = {q["id"]: format_prompt(rc.prompt, q["question"], s.shots, chat)
+                       for q in questions.get()}
+    samples += multimodel.read_source_samples(rc, rd.path(tag(r), "sources"), trained_prompts)
     kept, stats = multimodel.prune_sources(questions.get(), samples, rc.prune, rc.sources.pool)
     if "influence" in {x.strip() for x in rc.prune.strategy.split("+")} and kept:
         kept, stats, rows = influence.apply_to_round(
             params.get(), s.model, s.tokenizer, kept, stats,
-            seed_examples(rc.data, rc.prompt, s.shots), rc.prune, s.mesh,
+            seed_examples(rc.data, rc.prompt, s.shots, chat_of(s.tokenizer)), rc.prune, s.mesh,
             max_length=rc.train.max_length, loss_chunk=rc.train.loss_chunk)
         if rd.primary:
             io.write_jsonl_atomic(rd.path(tag(r), "influence.jsonl"), rows)
@@ -136,7 +140,7 @@ def _require(record: dict, where: str, *paths: tuple) -> None:
 def round_examples(s: Setup, rd: RunDir, rc, r: int) -> list[dict]:
     """Round 0 trains on the seed solutions; round r >= 1 on what its Prune kept."""
     if r == 0:
-        return seed_examples(rc.data, rc.prompt, s.shots)
+        return seed_examples(rc.data, rc.prompt, s.shots, chat_of(s.tokenizer))
     return [rec for _, rec in io.read_jsonl(rd.path(tag(r), "train.jsonl"))]
 
 

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tpt_jax.stages import sft_data
 from tpt_jax.config import PruneConfig, TptError
 from tpt_jax.stages.loss import chunked_cross_entropy
+from tpt_jax.gemma.model import output_embedding
 from tpt_jax.gemma.sharding import BATCH, mesh_axis_size
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ def example_loss(model, params: Any, ex: dict, loss_chunk: int = 8192) -> jax.Ar
     positions, targets, weights, as `sft_data.build_batch` makes per row); 0 for padding."""
     hidden = model.apply({"params": params}, ex["tokens"][None], ex["positions"][None],
                          return_hidden=True)
-    ce = chunked_cross_entropy(hidden, params["embedding"], ex["targets"][None], model.cfg,
-                               loss_chunk)[0]
+    ce = chunked_cross_entropy(hidden, output_embedding(params, model.cfg), ex["targets"][None],
+                               model.cfg, loss_chunk)[0]
     w = ex["weights"]
     return jnp.sum(jnp.where(w > 0, ce, 0.0) * w) / jnp.maximum(jnp.sum(w), 1.0)
 

@@ -8,7 +8,10 @@ from the trained model, a model with 1/3 of its parameters gets 3x the samples. 
 sources are pruned together (`pool: pooled`, RFT-U: dedup across models, every kept example
 keeps its `source`) or each source on its own (`pool: separate`, then concatenated). Any model
 can be trained on any mix: self-improvement (self only), knowledge distillation / weak-to-strong
-(`self: false` and one other source).
+(`self: false` and one other source). A source of another family (say Llama samples for a
+Qwen model) names its own `tokenizer`: it samples with its own chat template, and its records
+get the trained model's prompt text, so Train tokenizes prompt and completion with the trained
+model's tokenizer like any other sample.
 
 Per round, `data_quality.json` (and `data_quality.png` at the end) report per source:
 samples, correct, kept, duplicates (correct samples repeating another correct solution of the
@@ -105,25 +108,39 @@ def source_think_config(rc, n: int, r: int):
 
 def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -> dict:
     """Think with every extra source into `samples_root/<name>/` (resumable like Think)."""
+    from tpt_jax.gemma.tokenizer import check_vocab, read_tokenizer
     from tpt_jax.stages import think
     counts = samples_per_source(rc, s.model.cfg)
     for src in rc.sources.models:
         model, params = load_source(src, rc, s.mesh, rc.seed + 1 + r)
         tcfg = source_think_config(rc, counts[src.name], r)
-        think.think(params, model, s.tokenizer, questions, tcfg,
+        if src.tokenizer:  # another family: its own tokenizer, so a sampler of its own ids
+            tok = read_tokenizer(src.tokenizer)
+            check_vocab(tok, model.cfg.vocab_size, f"sources {src.name}: model.vocab_size")
+            sampler = think.make_sampler(model, tok, tcfg, s.mesh, params)
+        else:
+            tok, sampler = s.tokenizer, s.samplers.get(model, params, tcfg)
+        think.think(params, model, tok, questions, tcfg,
                     os.path.join(samples_root, src.name), s.mesh, template=rc.prompt,
-                    shots=s.shots, source=src.name,
-                    sampler=s.samplers.get(model, params, tcfg), prune=rc.prune)
+                    shots=s.shots, source=src.name, sampler=sampler, prune=rc.prune)
         if model.cfg != s.model.cfg:  # another shape: its weights and caches go now
             s.samplers.release(model)
         del params
     return counts
 
 
-def read_source_samples(rc, samples_root: str) -> list[dict]:
+def read_source_samples(rc, samples_root: str, trained_prompts: dict) -> list[dict]:
+    """Every source's samples; those of a source with its own tokenizer get the trained
+    model's prompt of their question (`trained_prompts`: id -> text), in place of the one
+    written with the source's chat markers."""
     from tpt_jax.stages import think
-    return [rec for src in rc.sources.models
-            for rec in think.read_samples(os.path.join(samples_root, src.name))]
+    out = []
+    for src in rc.sources.models:
+        for rec in think.read_samples(os.path.join(samples_root, src.name)):
+            if src.tokenizer and rec["id"] in trained_prompts:
+                rec = {**rec, "prompt": trained_prompts[rec["id"]]}
+            out.append(rec)
+    return out
 
 
 def prune_sources(questions: Sequence[dict], samples: Sequence[dict], cfg: PruneConfig,

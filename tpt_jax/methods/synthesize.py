@@ -35,7 +35,7 @@ STAGES = {
     "competition": "a challenging math competition problem (number theory, combinatorics, "
                    "algebra or geometry) with a single numerical answer",
 }
-SYNTH_STOPS = ["\n\n", P.END_OF_TURN]
+SYNTH_STOPS = ["\n\n"]  # and the chat's end of turn
 ID_PREFIX = "syn"
 
 
@@ -43,14 +43,14 @@ def stage_for(cfg: SynthesizeConfig, i: int) -> str:
     return list(STAGES)[i % len(STAGES)] if cfg.stage == "mixed" else cfg.stage
 
 
-def synthesis_prompt(stage: str, seed_text: str, template: str) -> str:
+def synthesis_prompt(stage: str, seed_text: str, template: str,
+                     chat: P.Chat = P.GEMMA_CHAT) -> str:
     """Prompt asking for one new problem of the stage, inspired by `seed_text`; the completion
     is the problem text (ended by a blank line or the end of the model's turn)."""
     ask = (f"Write {STAGES[stage]}, inspired by the text below. Write only the problem, "
            f"with all the numbers it needs and a single final answer; no solution.")
     if P.parse_template(template)[0] == "zero-shot":
-        return (f"{P.CHAT_USER}{ask}\n\nText: {seed_text.strip()}{P.END_OF_TURN}\n"
-                f"{P.CHAT_MODEL}Problem:")
+        return f"{chat.user}{ask}\n\nText: {seed_text.strip()}{chat.model}Problem:"
     return f"{ask}\nText: {seed_text.strip()}\nProblem:"
 
 
@@ -141,7 +141,8 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
 
     chosen = pick_seeds(seeds, cfg.per_round, cfg.seed, round_)
     stages = [stage_for(cfg, i) for i in range(len(chosen))]
-    texts = [synthesis_prompt(st, s["text"], template) for st, s in zip(stages, chosen)]
+    chat = P.chat_of(tokenizer)
+    texts = [synthesis_prompt(st, s["text"], template, chat) for st, s in zip(stages, chosen)]
     ids = [f"{ID_PREFIX}-r{round_:02d}-{i:05d}" for i in range(len(chosen))]
     write_cfg = dataclasses.replace(think_cfg, n=1, temperature=cfg.temperature,
                                     max_new_tokens=cfg.max_new_tokens, stop=[])
@@ -149,7 +150,7 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
         sampler = think.make_sampler(model, tokenizer, write_cfg, mesh)
     sampler.update_params(params)
     outs = think.complete(sampler, tokenizer, texts, ids, think.sampling_config(write_cfg), 1,
-                          cfg.seed + 1000 * round_, SYNTH_STOPS) if texts else []
+                          cfg.seed + 1000 * round_, SYNTH_STOPS + [chat.end]) if texts else []
     problems, empty = [], 0
     for pid, st, s, out in zip(ids, stages, chosen, outs):
         text = out[0]["completion"].strip()

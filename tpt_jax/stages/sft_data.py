@@ -71,7 +71,7 @@ def read_examples(p: str) -> list[dict]:
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[Encoded, bool]:
-    p = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
+    p = list(tokenizer.encode(prompt, add_bos=True))
     c = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
     ids = np.asarray(p + c, np.int32)
     trained = np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)])

@@ -43,10 +43,10 @@ def sampling_config(cfg: ThinkConfig) -> SamplingConfig:
                           max_new_tokens=cfg.max_new_tokens).validate()
 
 
-def stop_strings(cfg: ThinkConfig, template: str) -> list[str]:
+def stop_strings(cfg: ThinkConfig, template: str, chat: P.Chat = P.GEMMA_CHAT) -> list[str]:
     """The template's stop strings plus the configured ones (order kept, no repeats)."""
     out: list[str] = []
-    for s in P.stop_strings(template) + list(cfg.stop):
+    for s in P.stop_strings(template, chat) + list(cfg.stop):
         if s and s not in out:
             out.append(s)
     return out
@@ -265,8 +265,9 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
         if q["id"] in seen:
             raise TptError(f"question id {q['id']!r} appears twice; ids must be unique")
         seen.add(q["id"])
-    stops = stop_strings(cfg, template)
-    texts = [P.format_prompt(template, q["question"], shots) for q in questions]
+    chat = P.chat_of(tokenizer)  # the model's own turn markers
+    stops = stop_strings(cfg, template, chat)
+    texts = [P.format_prompt(template, q["question"], shots, chat) for q in questions]
     encoded, long_idx = fit_prompts([tokenizer.encode(t, add_bos=True) for t in texts],
                                     cfg.max_prompt_tokens, cfg.long_prompts)
     long_info = {}

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tpt_jax.config import MeshConfig, TptError, TrainConfig
-from tpt_jax.gemma.model import Gemma2, abstract_params, param_shardings
+from tpt_jax.gemma.model import Gemma2, abstract_params, output_embedding, param_shardings
 from tpt_jax.gemma.sharding import BATCH, TRAIN_RULES, make_mesh, mesh_axis_size, use_rules
 from tpt_jax.stages import sft_data
 from tpt_jax.stages.loss import chunked_cross_entropy
@@ -154,8 +154,8 @@ class Stepper:
                                   mb.get("segments"), return_hidden=True)
         if "loss_pos" in mb:  # only the trained positions reach the vocabulary projection
             hidden = jnp.take_along_axis(hidden, mb["loss_pos"][..., None], axis=1)
-        ce = chunked_cross_entropy(hidden, params["embedding"], mb["targets"], self.model.cfg,
-                                   self.cfg.loss_chunk)
+        ce = chunked_cross_entropy(hidden, output_embedding(params, self.model.cfg), mb["targets"],
+                                   self.model.cfg, self.cfg.loss_chunk)
         w = mb["weights"]
         return jnp.sum(jnp.where(w > 0, ce, 0.0) * w), jnp.sum(w)
 
