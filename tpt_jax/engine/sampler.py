@@ -4,7 +4,10 @@ programs, caches and sampling-layout buffers) serves a whole run.
 
 Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
 slot whose row ends takes the next waiting sample at once) and drives the device side
-(`device.Device`) through the narrow contract of `contract.py`. `static=True` runs static
+(`device.Device`) through the narrow contract of `contract.py`. `attention="paged"`
+keeps the decode cache in pages that rows take as they grow (`pages`, `paged`): tokens are
+those of the dense cache, the attention reads only the pages a chunk can reach, and a KV
+budget (`kv_cache_gb`) limits the rows running at once. `static=True` runs static
 batches instead (`static.py`), the reference the tests compare against. A sample's tokens
 depend only on (seed, question id, sample index), never on its slot, when it started or what
 else ran, so cancelling some (early stop, `samples_needed`) never changes the others.
@@ -16,12 +19,14 @@ import hashlib
 import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
 from tpt_jax.config import ConfigError
 from tpt_jax.engine import programs as PR
 from tpt_jax.engine.contract import Finished, Prompt, Stats
 from tpt_jax.engine.device import Device
+from tpt_jax.engine.paged import pool_bytes
 from tpt_jax.engine.sampling import SamplingConfig
 from tpt_jax.engine.scheduler import Scheduler
 from tpt_jax.engine.static import run_static
@@ -61,6 +66,19 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
+ATTENTIONS = ("auto", "dense", "paged")
+
+
+def resolve_attention(name: str) -> str:
+    """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
+    and the paged cache on accelerators."""
+    if name not in ATTENTIONS:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+    if name == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "paged"
+    return name
+
+
 def stable_hash(text: str) -> int:
     """31-bit hash of a question id, identical on every host and every run."""
     return int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:4], "little") & 0x7FFFFFFF
@@ -86,7 +104,8 @@ class Sampler:
                  max_prompt_tokens: int = 512, buckets: Optional[Sequence[int]] = None,
                  eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
-                 refill_at: Optional[int] = None):
+                 refill_at: Optional[int] = None, attention: str = "dense", page_size: int = 16,
+                 kv_cache_gb: Optional[float] = None):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
         self.model, self.rows = model, rows
@@ -97,10 +116,42 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id)
+        self.attention = resolve_attention(attention)
+        pages = self._pool_pages(page_size, kv_cache_gb)
+        self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
+                             self.attention, page_size, pages)
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
+
+    def _pool_pages(self, page: int, kv_cache_gb: Optional[float]) -> Optional[int]:
+        """Pages of the paged pool from the KV budget (None: every slot at its longest)."""
+        if self.attention == "dense":
+            if kv_cache_gb is not None:
+                raise ConfigError("kv_cache_gb sizes the paged cache: set attention to "
+                                  "'paged' or 'pallas'")
+            return None
+        if page < 1 or any(b % page for b in self.buckets):
+            raise ConfigError(f"page size {page} does not divide the prompt buckets "
+                              f"{list(self.buckets)} (the cache's prompt columns)")
+        if kv_cache_gb is None:
+            return None
+        if kv_cache_gb <= 0:
+            raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+        cfg = self.model.cfg
+        return int(kv_cache_gb * 1e9 // pool_bytes(cfg, 1, page, self.model.dtype))
+
+    def check_kv(self, max_new_tokens: int) -> None:
+        """One-line error when the KV budget cannot hold one row at its longest."""
+        d = self.device
+        if d.attention == "dense" or d.pages is None:
+            return
+        need = -(-(self.buckets[-1] + max_new_tokens - 1) // d.page)
+        if d.pages < need:
+            raise ConfigError(
+                f"the KV budget holds {d.pages} pages of {d.page} tokens, but one row at its "
+                f"longest ({self.buckets[-1]} prompt + {max_new_tokens} new tokens) needs "
+                f"{need}: raise kv_cache_gb")
 
     def update_params(self, params: Any) -> bool:
         """Sample from `params` from now on: copied into the existing sampling buffers (the
@@ -167,6 +218,7 @@ class Sampler:
         if len(ids) != len(prompts):
             raise ValueError("ids and prompts differ in length")
         cap = sampling.validate().max_new_tokens
+        self.check_kv(cap)
         limits = [cap] * len(prompts) if max_new_tokens is None else [int(x) for x in max_new_tokens]
         if len(limits) != len(prompts):
             raise ValueError("max_new_tokens and prompts differ in length")
