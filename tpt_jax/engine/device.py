@@ -31,6 +31,7 @@ from tpt_jax.gemma.attention import CACHE_BLOCK
 from tpt_jax.gemma.sharding import logical_to_spec, use_rules
 
 MAX_CHUNK = 256  # decode steps between host checks at most (an interrupt waits this long)
+MIN_STEPS = 64  # paged: a chunk's page table leaves its longest row at least this many steps
 PAGE_BUCKETS = 4  # paged chunk programs: page tables cut to 1/8, 1/4, 1/2 or all of a slot's
 
 
@@ -134,7 +135,7 @@ class Device:
                for i in range(PAGE_BUCKETS)}
         return tuple(sorted(out))
 
-    # -- continuous batching (contract.SlotDevice)
+    # -- a call's buffers
 
     def begin(self, prog: PR.Program, n: int, seed: int, by_sample: bool = False) -> None:
         """Decode cache, prompt store (as many entries as a static batch has prompts: the
@@ -205,19 +206,27 @@ class Device:
                 self.pool, self.state, self.store, entry, self.put(pages, ("act_batch", None)),
                 *args, self.seed, prog=self.prog)
 
-    def _chunk_cache(self, cut: Optional[int] = None) -> PagedCache:
-        """The pool with page tables covering every held row's next MAX_CHUNK columns, cut
-        to the smallest page bucket that holds them (or to `cut`)."""
-        t = self.table
-        for r in range(self.slots):
-            if t.committed[r]:
-                bucket, limit, drawn = self.grown[r]
-                t.grow(r, min(bucket + drawn - 1 + MAX_CHUNK, bucket + limit - 1))
+    def _chunk_cache(self, cut: Optional[int] = None) -> tuple[PagedCache, int]:
+        """The pool with page tables cut to the smallest page bucket (or `cut`) that gives
+        every row at least MIN_STEPS more columns (or all it has left), and the steps the
+        chunk may take within it; each row gets the pages those steps fill."""
+        t, buckets = self.table, self.page_buckets(self.table.table.shape[1])
+        rows = [(r, *self.grown[r]) for r in range(self.slots) if t.committed[r]]
+        at = {r: bucket + drawn - 1 for r, bucket, _, drawn in rows}  # next column written
+        end = {r: bucket + limit - 1 for r, bucket, limit, _ in rows}  # columns at its end
         if cut is None:
-            cut = next(b for b in self.page_buckets(t.table.shape[1]) if b >= max(t.held))
+            need = max([min(at[r] + MIN_STEPS, end[r]) for r in at], default=0)
+            cut = next(b for b in buckets if b * self.page >= need)
+        steps = min([MAX_CHUNK] + [cut * self.page - at[r] for r in at
+                                   if end[r] > cut * self.page])
+        for r in at:
+            t.grow(r, min(at[r] + steps, end[r]))
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
-        return PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
-                          table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros)
+        cache = PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
+                           table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros)
+        return cache, steps
+
+    # -- continuous batching (contract.SlotDevice)
 
     def prefill(self, batch: list[tuple[int, Prompt]]) -> None:
         bucket = batch[0][1].bucket
@@ -249,10 +258,11 @@ class Device:
                 row(limits), self.seed, prog=self.prog)
 
     def decode(self, min_exit: int, cut: Optional[int] = None) -> Any:
-        cache = self.cache if self.table is None else self._chunk_cache(cut)
+        cache, max_steps = ((self.cache, MAX_CHUNK) if self.table is None
+                            else self._chunk_cache(cut))
         with self.rules_context():
             cache, self.state, steps, out = self.programs["chunk"](
-                self.params, cache, self.state, self.seed, jnp.int32(MAX_CHUNK),
+                self.params, cache, self.state, self.seed, jnp.int32(max_steps),
                 jnp.int32(min_exit), prog=self.prog)
         if self.table is None:
             self.cache = cache
