@@ -144,6 +144,7 @@ class Device:
         with n samples per prompt."""
         R = self.slots
         self.prog, self.seed = prog, jnp.asarray(seed, jnp.int32)
+        self.columns_read = 0  # cache columns the call's decode steps read, every slot's
         self.entries = 2 * R if by_sample else max(1, R // min(n, R))
         self.prefill_sizes = prefill_sizes(self.entries)
         length = self.cache_length(prog.sampling.max_new_tokens)
@@ -265,16 +266,18 @@ class Device:
                 self.params, cache, self.state, self.seed, jnp.int32(max_steps),
                 jnp.int32(min_exit), prog=self.prog)
         if self.table is None:
-            self.cache = cache
+            self.cache, columns = cache, cache.pos.shape[1]
         else:
-            self.pool = (cache.k, cache.v)
-        return steps, out
+            self.pool, columns = (cache.k, cache.v), cache.table.shape[1] * self.page
+        return steps, out, columns
 
     def read(self, handle: Any) -> Chunk:
-        """Wait for a chunk; paged, the pages of rows that ended go back to the free list."""
-        steps, out = handle
+        """Wait for a chunk (counting the cache columns its steps read, `columns_read`);
+        paged, the pages of rows that ended go back to the free list."""
+        steps, out, columns = handle
         done, drawn, stopped, tokens, logits = (None if x is None else np.asarray(x)
                                                 for x in out)
+        self.columns_read += int(steps) * self.slots * columns
         if self.table is not None:
             for r in range(self.slots):
                 self.grown[r, 2] = drawn[r]
