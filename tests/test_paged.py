@@ -186,5 +186,6 @@ def test_bad_settings(tiny):
     with pytest.raises(ConfigError, match="kv_cache_gb sizes the paged cache"):
         sampler(tiny, "dense", kv_cache_gb=1.0)
     s = sampler(tiny, "paged", kv_cache_gb=1e-5)
-    with pytest.raises(ConfigError, match="one row at its longest .32 prompt \\+ 20 new"):
+    with pytest.raises(ConfigError, match="holds 2 pages of 4 tokens, but one row at its "
+                                          "longest .32 prompt \\+ 20 new tokens. needs 13"):
         s.generate([[2, 3]], SAMPLED)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from tpt_jax.config import ConfigError
+from tpt_jax.config import ATTENTIONS, ConfigError
 from tpt_jax.engine import programs as PR
 from tpt_jax.engine.contract import Finished, Prompt, Stats
 from tpt_jax.engine.device import Device
@@ -66,9 +66,6 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
-ATTENTIONS = ("auto", "dense", "paged")
-
-
 def resolve_attention(name: str) -> str:
     """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
     and the paged cache on accelerators."""
@@ -77,6 +74,35 @@ def resolve_attention(name: str) -> str:
     if name == "auto":
         return "dense" if jax.default_backend() == "cpu" else "paged"
     return name
+
+
+PAGE_SIZE = 16  # paged cache: columns a page holds
+
+
+def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int],
+               kv_cache_gb: Optional[float], max_new_tokens: Optional[int] = None
+               ) -> Optional[int]:
+    """Pages of the paged pool from the KV budget (None: dense, or every slot at its
+    longest), or a one-line error: a budget without a paged cache, a page size that does not
+    divide the prompt buckets, a budget that cannot hold one row at its longest."""
+    if attention == "dense":
+        if kv_cache_gb is not None:
+            raise ConfigError("kv_cache_gb sizes the paged cache: set attention to 'paged'")
+        return None
+    if page < 1 or any(b % page for b in buckets):
+        raise ConfigError(f"page size {page} does not divide the prompt buckets "
+                          f"{list(buckets)} (the cache's prompt columns)")
+    if kv_cache_gb is None:
+        return None
+    if kv_cache_gb <= 0:
+        raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+    pages = int(kv_cache_gb * 1e9 // pool_bytes(model.cfg, 1, page, model.dtype))
+    need = 0 if max_new_tokens is None else -(-(buckets[-1] + max_new_tokens - 1) // page)
+    if pages < need:
+        raise ConfigError(
+            f"kv_cache_gb={kv_cache_gb} holds {pages} pages of {page} tokens, but one row at "
+            f"its longest ({buckets[-1]} prompt + {max_new_tokens} new tokens) needs {need}")
+    return pages
 
 
 def stable_hash(text: str) -> int:
@@ -104,7 +130,7 @@ class Sampler:
                  max_prompt_tokens: int = 512, buckets: Optional[Sequence[int]] = None,
                  eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
-                 refill_at: Optional[int] = None, attention: str = "dense", page_size: int = 16,
+                 refill_at: Optional[int] = None, attention: str = "dense", page_size: int = PAGE_SIZE,
                  kv_cache_gb: Optional[float] = None):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
@@ -116,42 +142,18 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        self.attention = resolve_attention(attention)
-        pages = self._pool_pages(page_size, kv_cache_gb)
+        self.attention, self.kv_cache_gb = resolve_attention(attention), kv_cache_gb
+        pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
         self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
                              self.attention, page_size, pages)
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
 
-    def _pool_pages(self, page: int, kv_cache_gb: Optional[float]) -> Optional[int]:
-        """Pages of the paged pool from the KV budget (None: every slot at its longest)."""
-        if self.attention == "dense":
-            if kv_cache_gb is not None:
-                raise ConfigError("kv_cache_gb sizes the paged cache: set attention to "
-                                  "'paged' or 'pallas'")
-            return None
-        if page < 1 or any(b % page for b in self.buckets):
-            raise ConfigError(f"page size {page} does not divide the prompt buckets "
-                              f"{list(self.buckets)} (the cache's prompt columns)")
-        if kv_cache_gb is None:
-            return None
-        if kv_cache_gb <= 0:
-            raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
-        cfg = self.model.cfg
-        return int(kv_cache_gb * 1e9 // pool_bytes(cfg, 1, page, self.model.dtype))
-
     def check_kv(self, max_new_tokens: int) -> None:
         """One-line error when the KV budget cannot hold one row at its longest."""
-        d = self.device
-        if d.attention == "dense" or d.pages is None:
-            return
-        need = -(-(self.buckets[-1] + max_new_tokens - 1) // d.page)
-        if d.pages < need:
-            raise ConfigError(
-                f"the KV budget holds {d.pages} pages of {d.page} tokens, but one row at its "
-                f"longest ({self.buckets[-1]} prompt + {max_new_tokens} new tokens) needs "
-                f"{need}: raise kv_cache_gb")
+        pool_pages(self.model, self.attention, self.device.page, self.buckets,
+                   self.kv_cache_gb, max_new_tokens)
 
     def update_params(self, params: Any) -> bool:
         """Sample from `params` from now on: copied into the existing sampling buffers (the
