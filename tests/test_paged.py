@@ -179,8 +179,10 @@ def test_long_rows_cross_page_buckets(tiny):
 
 
 def test_bad_settings(tiny):
-    with pytest.raises(ConfigError, match="page size 16 does not divide"):
-        sampler(tiny, "paged", page_size=16)
+    with pytest.raises(ConfigError, match="page size 24 does not divide the cache's blocks"):
+        sampler(tiny, "paged", page_size=24)
+    with pytest.raises(ConfigError, match="attention 'pallas' runs JAX's Pallas GPU"):
+        sampler(tiny, "pallas")
     with pytest.raises(ConfigError, match="attention must be one of"):
         sampler(tiny, "flash")
     with pytest.raises(ConfigError, match="kv_cache_gb sizes the paged cache"):
@@ -189,3 +191,20 @@ def test_bad_settings(tiny):
     with pytest.raises(ConfigError, match="holds 2 pages of 4 tokens, but one row at its "
                                           "longest .32 prompt \\+ 20 new tokens. needs 13"):
         s.generate([[2, 3]], SAMPLED)
+
+
+def test_pallas_kernel_interpreted(tiny, work, dense, monkeypatch):
+    """JAX's Pallas GPU paged-attention kernel, interpreted on CPU, on the global layers (the
+    window of 8 bites on local ones, which take the plain path): the dense tokens, logits
+    within float rounding."""
+    from tpt_jax.engine import paged
+    calls = []
+    kernel = paged.kernel_attention
+    monkeypatch.setattr(paged, "kernel_attention",
+                        lambda *a: calls.append(a[-1]) or kernel(*a))
+    got = run(sampler(tiny, "pallas", interpret=True), work, SAMPLED, return_logits=True)
+    assert tokens(got) == tokens(dense["sampled"])
+    for r, w in zip(got, dense["sampled"]):
+        for a, b in zip(r, w):
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+    assert calls and all(calls)  # traced, interpreted

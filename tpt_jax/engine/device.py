@@ -62,11 +62,13 @@ class Device:
     `max_bucket` tokens."""
 
     def __init__(self, model: M.Gemma2, mesh, rules, slots: int, max_bucket: int, pad_id: int,
-                 attention: str = "dense", page: int = 16, pages: Optional[int] = None):
+                 attention: str = "dense", page: int = 16, pages: Optional[int] = None,
+                 kernel: str = "plain"):
         self.model, self.cfg, self.mesh, self.rules = model, model.cfg, mesh, rules
         self.slots, self.max_bucket, self.pad_id = slots, max_bucket, pad_id
-        # paged: `pages` pool pages of `page` columns (None: every slot at its longest)
-        self.attention, self.page, self.pages = attention, page, pages
+        # paged: `pages` pool pages of `page` columns (None: every slot at its longest), the
+        # decode attention `kernel` (paged.KERNELS)
+        self.attention, self.page, self.pages, self.kernel = attention, page, pages, kernel
         self.table: Optional[PageTable] = None
         self.weights = SamplingWeights(model, mesh, rules)
         self.programs = PR.compiled(model.cfg, model.dtype, model.param_dtype)
@@ -125,7 +127,7 @@ class Device:
 
     def pool_pages(self, max_new: int) -> int:
         """Pages of the paged pool: the budget, else every slot at its longest."""
-        return self.pages or self.slots * (self.cache_length(max_new) // self.page)
+        return self.pages or self.slots * -(-self.cache_length(max_new) // self.page)
 
     def page_buckets(self, max_pages: int) -> tuple[int, ...]:
         """Page counts the chunk program is compiled for: whole blocks of the dense path's
@@ -177,8 +179,8 @@ class Device:
         sh = None if self.mesh is None else pool_shardings(self.cfg, pages, self.page,
                                                            self.mesh, self.rules)
         self.pool = self._buffer("pool", (pages, self.page), make, sh)
-        self.table = PageTable(pages, self.page, self.slots, length // self.page)
-        self.grown = np.zeros((self.slots, 3), np.int64)  # per slot: bucket, limit, drawn
+        self.table = PageTable(pages, self.page, self.slots, -(-length // self.page))
+        self.grown = np.zeros((self.slots, 3), np.int64)  # per slot: prompt length, limit, drawn
 
     def reserve(self, prompt: Prompt) -> bool:
         """Whether a row of `prompt` may start now (paged: its pages at its limit fit beside
@@ -187,18 +189,18 @@ class Device:
 
     @staticmethod
     def row_columns(prompt: Prompt) -> int:
-        """Columns a row writes: its prompt bucket, then one per token fed back (all but the
-        last drawn)."""
-        return prompt.bucket + prompt.limit - 1
+        """Columns a row writes in its pages: its prompt, then one per token fed back (all
+        but the last drawn)."""
+        return len(prompt.tokens) + prompt.limit - 1
 
     def _insert_paged(self, starts: list[Start], prompts: list[Prompt], entry, args) -> None:
         t = self.table
         for s in starts:
             p = prompts[s.request.prompt]
             t.assign(s.slot, self.row_columns(p))
-            t.grow(s.slot, p.bucket)
-            self.grown[s.slot] = (p.bucket, p.limit, 1)
-        pages = np.full((self.slots, self.max_bucket // self.page), t.pages, np.int32)
+            t.grow(s.slot, len(p.tokens))
+            self.grown[s.slot] = (len(p.tokens), p.limit, 1)
+        pages = np.full((self.slots, -(-self.max_bucket // self.page)), t.pages, np.int32)
         for s in starts:
             held = t.held[s.slot]
             pages[s.slot, :held] = t.table[s.slot, :held]
@@ -213,8 +215,8 @@ class Device:
         chunk may take within it; each row gets the pages those steps fill."""
         t, buckets = self.table, self.page_buckets(self.table.table.shape[1])
         rows = [(r, *self.grown[r]) for r in range(self.slots) if t.committed[r]]
-        at = {r: bucket + drawn - 1 for r, bucket, _, drawn in rows}  # next column written
-        end = {r: bucket + limit - 1 for r, bucket, limit, _ in rows}  # columns at its end
+        at = {r: length + drawn - 1 for r, length, _, drawn in rows}  # next column written
+        end = {r: length + limit - 1 for r, length, limit, _ in rows}  # columns at its end
         if cut is None:
             need = max([min(at[r] + MIN_STEPS, end[r]) for r in at], default=0)
             cut = next(b for b in buckets if b * self.page >= need)
@@ -224,7 +226,8 @@ class Device:
             t.grow(r, min(at[r] + steps, end[r]))
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
         cache = PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
-                           table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros)
+                           table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros,
+                           kernel=self.kernel)
         return cache, steps
 
     # -- continuous batching (contract.SlotDevice)

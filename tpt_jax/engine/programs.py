@@ -243,16 +243,19 @@ def insert(model: M.Gemma2, cache: SlotCache, slots: Slots, store: Store, entry:
 def insert_paged(model: M.Gemma2, pool: tuple, slots: Slots, store: Store, entry: Array,
                  pages: Array, hashes: Array, samples: Array, limits: Array, seed: Array,
                  prog: Program):
-    """`insert` into a (donated) paged pool: slot r's prompt columns go to the pages
-    pages[r] [Lp / page] (out of range: not written, e.g. past its bucket or not inserted)."""
+    """`insert` into a (donated) paged pool: slot r's prompt, moved from the end of its bucket
+    to column 0, goes to the pages pages[r] [ceil(Lp / page)] (out of range: not written,
+    e.g. past the prompt or not inserted)."""
     TRACE_COUNT["insert"] += 1
     take = jnp.maximum(entry, 0)
     n, page = pages.shape[1], pool[0][0].shape[2]
+    shift = store.start[take] - store.pos0[take]  # the bucket's left padding
 
-    def copy(p, s):  # s [E, K, Lp, H] -> the rows' prompt pages [R, n, K, page, H]
-        x = s[take][:, :, :n * page]
-        x = x.reshape(x.shape[0], x.shape[1], n, page, x.shape[3]).swapaxes(1, 2)
-        return p.at[pages].set(x.astype(p.dtype), mode="drop")
+    def copy(p, s):  # s [E, K, Lp, H] -> pool p [K, pages, page, H]
+        x = jnp.pad(s[take], ((0, 0), (0, 0), (0, n * page), (0, 0)))
+        x = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, n * page, axis=1))(x, shift)
+        x = x.reshape(x.shape[0], x.shape[1], n, page, x.shape[3]).swapaxes(0, 1)
+        return p.at[:, pages].set(x.astype(p.dtype), mode="drop")
 
     pool = constrain_pool((tuple(copy(p, s) for p, s in zip(pool[0], store.k)),
                            tuple(copy(p, s) for p, s in zip(pool[1], store.v))))

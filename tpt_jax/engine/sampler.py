@@ -5,7 +5,7 @@ programs, caches and sampling-layout buffers) serves a whole run.
 Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
 slot whose row ends takes the next waiting sample at once) and drives the device side
 (`device.Device`) through the narrow contract of `contract.py`. `attention="paged"`
-keeps the decode cache in pages that rows take as they grow (`pages`, `paged`): tokens are
+(or "pallas", the same cache read by JAX's Pallas GPU kernel) keeps the decode cache in pages that rows take as they grow (`pages`, `paged`): tokens are
 those of the dense cache, the attention reads only the pages a chunk can reach, and a KV
 budget (`kv_cache_gb`) limits the rows running at once. `static=True` runs static
 batches instead (`static.py`), the reference the tests compare against. A sample's tokens
@@ -31,6 +31,7 @@ from tpt_jax.engine.sampling import SamplingConfig
 from tpt_jax.engine.scheduler import Scheduler
 from tpt_jax.engine.static import run_static
 from tpt_jax.gemma import model as M
+from tpt_jax.gemma.attention import CACHE_BLOCK
 from tpt_jax.gemma.sharding import SAMPLE_RULES
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,18 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
-def resolve_attention(name: str) -> str:
+def resolve_attention(name: str, interpret: bool = False) -> str:
     """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
-    and the paged cache on accelerators."""
+    and the paged cache on accelerators; 'pallas' (the paged cache read by JAX's Pallas GPU
+    kernel) needs a GPU, or `interpret` (the kernel interpreted, for tests on CPU)."""
     if name not in ATTENTIONS:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+    backend = jax.default_backend()
+    if name == "pallas" and backend != "gpu" and not interpret:
+        raise ConfigError(f"attention 'pallas' runs JAX's Pallas GPU paged-attention kernel, "
+                          f"and this backend is {backend}: use 'paged'")
     if name == "auto":
-        return "dense" if jax.default_backend() == "cpu" else "paged"
+        return "dense" if backend == "cpu" else "paged"
     return name
 
 
@@ -84,20 +90,21 @@ def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int
                ) -> Optional[int]:
     """Pages of the paged pool from the KV budget (None: dense, or every slot at its
     longest), or a one-line error: a budget without a paged cache, a page size that does not
-    divide the prompt buckets, a budget that cannot hold one row at its longest."""
+    divide the cache's blocks, a budget that cannot hold one row at its longest."""
     if attention == "dense":
         if kv_cache_gb is not None:
             raise ConfigError("kv_cache_gb sizes the paged cache: set attention to 'paged'")
         return None
-    if page < 1 or any(b % page for b in buckets):
-        raise ConfigError(f"page size {page} does not divide the prompt buckets "
-                          f"{list(buckets)} (the cache's prompt columns)")
+    if page < 1 or CACHE_BLOCK % page:
+        raise ConfigError(f"page size {page} does not divide the cache's blocks of "
+                          f"{CACHE_BLOCK} columns")
     if kv_cache_gb is None:
         return None
     if kv_cache_gb <= 0:
         raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
     pages = int(kv_cache_gb * 1e9 // pool_bytes(model.cfg, 1, page, model.dtype))
     need = 0 if max_new_tokens is None else -(-(buckets[-1] + max_new_tokens - 1) // page)
+    # (a row's pages hold its own prompt; the longest prompt fills the largest bucket)
     if pages < need:
         raise ConfigError(
             f"kv_cache_gb={kv_cache_gb} holds {pages} pages of {page} tokens, but one row at "
@@ -131,7 +138,7 @@ class Sampler:
                  eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
                  refill_at: Optional[int] = None, attention: str = "dense", page_size: int = PAGE_SIZE,
-                 kv_cache_gb: Optional[float] = None):
+                 kv_cache_gb: Optional[float] = None, interpret: bool = False):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
         self.model, self.rows = model, rows
@@ -142,10 +149,12 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        self.attention, self.kv_cache_gb = resolve_attention(attention), kv_cache_gb
+        self.attention = resolve_attention(attention, interpret)
+        self.kv_cache_gb = kv_cache_gb
         pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
+        kernel = {"pallas": "interpret" if interpret else "pallas"}.get(self.attention, "plain")
         self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
-                             self.attention, page_size, pages)
+                             self.attention, page_size, pages, kernel)
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
