@@ -71,6 +71,11 @@ RUN_CASES = [
     # any model is built, not at round 0's first train step)
     (["train.batch_size=6"], r"micro-batch .* must be divisible by the data-parallel size"),
     (["per_round={1: {train: {batch_size: 12}}}"], r"divisible by the data-parallel size"),
+    # the decode cache (found before any model is built)
+    (["think.attention=paged", "think.kv_cache_gb=0.0001"],
+     r"kv_cache_gb=0\.0001 holds \d+ pages of 16 tokens, but one row at its longest"),
+    (["think.attention=pallas"], r"attention 'pallas' runs JAX's Pallas GPU paged-attention "
+                                 r"kernel, and this backend is cpu"),
     (["tokenizer=@HF300"], r"has 300 tokens but model\.vocab_size is 256"),
     (["data.source=jsonl", "data.train_path=@BAD", "data.test_path=@BAD"],
      r"no usable|no questions|no records"),

@@ -63,6 +63,8 @@ BAD_CONFIGS = [
     ("train:\n  pack: yes please\n", r"config\.train\.pack: expected true/false"),
     ("train:\n  batch_size: 0\n", r"train\.batch_size"),
     ("rounds: -1\n", r"rounds must be >= 0"),
+    ("think:\n  attention: flash\n", r"think\.attention must be one of auto, dense, paged, pallas"),
+    ("think:\n  attention: dense\n  kv_cache_gb: 2\n", r"kv_cache_gb .*needs think\.attention"),
     ("init_from: scratch\n", r"init_from must be 'previous' or 'base'"),
     ("model: gemma3-1b\n", r"model: unknown preset 'gemma3-1b'"),
     ("dtype: float16\n", r"dtype must be float32 or bfloat16"),

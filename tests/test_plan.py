@@ -66,6 +66,11 @@ def test_sample_bytes(tiny_plan):
     kv = 2 * mcfg.num_layers * rows_per_device * (mcfg.num_kv_heads // 2) * 24 \
         * mcfg.head_dim * 2  # k and v, bf16
     assert sample["parts"]["kv_cache"] == kv + rows_per_device * 24 * 4  # + int32 positions
+    per_column = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * 2
+    # dense: 24 columns + positions; paged: 16 + 8 - 1 columns in whole pages of 16
+    assert sample["kv_rows_per_gb"] == {"dense": round(1e9 / (24 * (per_column + 4)), 2),
+                                        "paged": round(1e9 / (32 * per_column), 2),
+                                        "page_size": 16}
     xla = sample["xla"]
     assert xla["argument"] == pytest.approx(
         sample["parts"]["params"] + sample["parts"]["kv_cache"], rel=0.01)
@@ -91,6 +96,7 @@ def test_table_and_overrides(tiny_plan):
     cfg, plan = tiny_plan
     text = PL.format_plan(plan)
     assert "test-tiny" in text and "MiB/device" in text and "fits: v5e (yes)" in text
+    assert "KV rows per GB: dense " in text
     assert "train" in text and "sample" in text and "v5p 95G" in text
     json.dumps(plan)  # --json output is plain data
     from tpt_jax.config import MeshConfig

@@ -29,6 +29,9 @@ class FakeDevice:
         self.cancelled: set = set()  # requests the test cancelled
         self.freed: set = set()  # slots of cancelled rows the last read freed
 
+    def reserve(self, prompt):
+        return True
+
     def prefill(self, batch):
         assert 1 <= len(batch) <= self.entries and len({p.bucket for _, p in batch}) == 1
         for entry, prompt in batch:

@@ -54,6 +54,7 @@ class DataConfig:
 
 
 LONG_PROMPTS = ("truncate", "skip")
+ATTENTIONS = ("auto", "dense", "paged", "pallas")
 
 
 @dataclasses.dataclass
@@ -77,6 +78,12 @@ class ThinkConfig:
     # selection can no longer change (first-correct, max-k: k candidates at the lowest
     # indices); off, with a log line, for strategies that need every sample (dedup, rft).
     stop_when_selected: bool = True
+    # Decode KV cache: "dense" (each slot reserves prompt + max_new_tokens columns), "paged"
+    # (rows take pages as they grow; attention reads only the pages a chunk reaches), "pallas"
+    # (paged, read by JAX's Pallas GPU kernel; GPU only), "auto" (dense on CPU, so its figures
+    # stay; paged on GPU/TPU).
+    attention: str = "auto"
+    kv_cache_gb: Optional[float] = None  # paged: the page pool (None: every slot at its longest)
 
 
 # Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +
@@ -268,6 +275,12 @@ def validate_run(cfg: RunConfig) -> RunConfig:
                           f">= 1, got {t.batch_size}, {t.shard_size} and {t.max_prompt_tokens}")
     if t.long_prompts not in LONG_PROMPTS:
         raise ConfigError(f"think.long_prompts must be truncate or skip, got {t.long_prompts!r}")
+    if t.attention not in ATTENTIONS:
+        raise ConfigError(f"think.attention must be one of {', '.join(ATTENTIONS)}, "
+                          f"got {t.attention!r}")
+    if t.kv_cache_gb is not None and (t.attention == "dense" or t.kv_cache_gb <= 0):
+        raise ConfigError(f"think.kv_cache_gb must be > 0 and needs think.attention paged, "
+                          f"pallas or auto, got {t.kv_cache_gb} with {t.attention}")
     if any(not isinstance(s, str) or not s for s in t.stop):
         raise ConfigError(f"think.stop must be a list of non-empty strings, got {t.stop!r}")
     tr = cfg.train

@@ -237,7 +237,23 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
                     shape={"rows": rows, "samples_per_prompt": group,
                            "max_prompt_tokens": bucket, "max_new_tokens": sampling.max_new_tokens,
                            "cache_length": length},
-                    switch=memory_stats(switch_compiled))
+                    switch=memory_stats(switch_compiled),
+                    kv_rows_per_gb=kv_rows_per_gb(model, bucket, sampling.max_new_tokens))
+
+
+def kv_rows_per_gb(model, bucket: int, max_new: int) -> dict:
+    """Rows whose KV cache fits in 1e9 bytes (all devices together): the dense cache reserves
+    cache_length(bucket + max_new) columns a slot (keys, values, positions); the paged cache
+    commits whole pages for bucket + max_new - 1 columns a row (the last token is never fed
+    back), the prompt's pages included (they are not shared between a prompt's samples)."""
+    from tpt_jax.engine import cache as C
+    from tpt_jax.engine.paged import pool_bytes
+    from tpt_jax.engine.sampler import PAGE_SIZE
+    dense = C.cache_bytes(model.cfg, 1, C.cache_length(bucket + max_new), model.dtype)
+    pages = -(-(bucket + max_new - 1) // PAGE_SIZE)
+    paged = pool_bytes(model.cfg, pages, PAGE_SIZE, model.dtype)
+    return {"dense": round(1e9 / dense, 2), "paged": round(1e9 / paged, 2),
+            "page_size": PAGE_SIZE}
 
 
 def _program(name: str, stats: dict, parts: dict, held: int, compile_s: float, **extra) -> dict:
@@ -340,9 +356,12 @@ def format_plan(plan: dict) -> str:
             lines.append(f"  train: batch {s['batch_size']} (grad_accum {s['grad_accum']}) x "
                          f"{s['max_length']} tokens, remat {s['remat']}")
         else:
+            kv = p["kv_rows_per_gb"]
             lines.append(f"  sample: {s['rows']} rows ({s['samples_per_prompt']} per prompt) x "
                          f"cache {s['cache_length']} ({s['max_prompt_tokens']} prompt + "
-                         f"{s['max_new_tokens']} new)")
+                         f"{s['max_new_tokens']} new); KV rows per GB: dense {kv['dense']:g}, "
+                         f"paged {kv['paged']:g} (pages of {kv['page_size']}, committed at "
+                         f"the limit)")
     names = list(plan["hbm_gib"])
     unit, scale = _unit(plan)
     _gib = lambda n: f"{n / scale:.2f}"

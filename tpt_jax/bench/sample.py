@@ -59,6 +59,11 @@ def add_bench_cli(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "dense", "paged"],
+                        help="decode cache: dense slots, or pages rows take as they grow "
+                             "(auto: dense on CPU, paged on accelerators)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="paged: the page pool's size (default: every slot at its longest)")
     parser.set_defaults(func=_bench)
 
 
@@ -100,15 +105,19 @@ def measure_bandwidth(nbytes: int = 2 ** 32, repeats: int = 5) -> float:
 
 
 def step_bytes(sampler: Sampler, lengths: list, prompt: int, decode_steps: int,
-               rows_read: int) -> dict:
-    """Bytes a decode step reads: weights, the whole dense cache of `rows_read` slots, and
-    the live columns only (row of length L reads prompt + t columns at its step t)."""
+               rows_read: int, static: bool) -> dict:
+    """Bytes a decode step reads: weights, the cache columns attention read (static: the
+    whole dense cache of `rows_read` slots; continuous: as the device counted them, the
+    chunks' page buckets when paged), and the live columns only (row of length L reads
+    prompt + t columns at its step t)."""
     cfg, dtype = sampler.model.cfg, sampler.model.dtype
     column = cache_bytes(cfg, 1, 1, dtype)
     weights = sum(x.nbytes for x in jax.tree.leaves(sampler.device.params))
-    cols = sampler.cache_length(max(lengths))
-    live = sum(L * prompt + L * (L + 1) // 2 for L in lengths) / max(decode_steps, 1)
-    return {"weights": weights, "kv_read": rows_read * cols * column, "kv_live": live * column}
+    steps = max(decode_steps, 1)
+    read = (rows_read * sampler.cache_length(max(lengths)) if static
+            else sampler.device.columns_read / steps)
+    live = sum(L * prompt + L * (L + 1) // 2 for L in lengths) / steps
+    return {"weights": weights, "kv_read": read * column, "kv_live": live * column}
 
 
 def _bench(args) -> int:
@@ -125,7 +134,8 @@ def _bench(args) -> int:
     mesh = make_mesh(parse_mesh(args.mesh))
     params = M.init_params(model, jax.random.key(0), mesh, SAMPLE_RULES)
     rows = args.batch * args.n
-    sampler = Sampler(model, params, mesh, rows=rows, buckets=(args.prompt,), eos_id=None)
+    sampler = Sampler(model, params, mesh, rows=rows, buckets=(args.prompt,), eos_id=None,
+                      attention=args.attention, kv_cache_gb=args.kv_cache_gb)
     rng = np.random.default_rng(0)
     count = len(lengths) if lengths else args.batch
     prompts = [[2] + rng.integers(3, cfg.vocab_size, size=args.prompt - 1).tolist()
@@ -135,7 +145,7 @@ def _bench(args) -> int:
     info = {"system": "tpt_jax",
             "path": "static" if args.static else "continuous" + ("-longest-first" if args.longest_first else ""),
             "shape": args.shape, "backend": jax.default_backend(), "devices": len(jax.devices()),
-            "slots": rows, "prompt": args.prompt}
+            "slots": rows, "prompt": args.prompt, "attention": sampler.attention}
 
     def run(seed):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -152,7 +162,7 @@ def _bench(args) -> int:
         wall, cpu, n_tok = run(1)
         s = sampler.stats
         assert n_tok == sum(lengths), (n_tok, sum(lengths))
-        moved = step_bytes(sampler, lengths, args.prompt, s.decode_steps, rows)
+        moved = step_bytes(sampler, lengths, args.prompt, s.decode_steps, rows, args.static)
         step_s = wall / max(s.decode_steps, 1)
         roof = {}
         if jax.default_backend() != "cpu":

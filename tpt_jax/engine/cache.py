@@ -46,6 +46,16 @@ class SlotCache:
     v: tuple
     pos: Array
 
+    def views(self, positions: Array, index: Array) -> list:
+        """Per layer, the view `attention.attend` writes through (positions [B, T] written
+        at column `index` first)."""
+        key_pos = write_positions(self.pos, positions, index)
+        return [LayerView(k=k, v=v, pos=key_pos, index=index) for k, v in zip(self.k, self.v)]
+
+    def from_views(self, views: list) -> "SlotCache":
+        return SlotCache(k=tuple(x.k for x in views), v=tuple(x.v for x in views),
+                         pos=views[0].pos)
+
 
 @flax.struct.dataclass
 class LayerView:

@@ -95,6 +95,10 @@ class SlotDevice(Protocol):
     entries: int  # prompt-store entries
     prefill_sizes: tuple  # prompt counts a prefill is compiled for, ascending (last = entries)
 
+    def reserve(self, prompt: Prompt) -> bool:
+        """Whether a row of `prompt` may start now (its cache room is then set aside for the
+        `insert` that follows); False: it waits for running rows to end."""
+
     def prefill(self, batch: list[tuple[int, Prompt]]) -> None:
         """Prefill prompts of one bucket into their store entries: (entry, prompt) pairs."""
 

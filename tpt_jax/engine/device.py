@@ -4,7 +4,9 @@ layout, the decode cache, the prompt store and the slot state, and the compiled 
 `Device` implements `contract.SlotDevice` for the scheduler (prefill / insert / decode /
 read / release) and runs static batches for the reference path. Its buffers are donated to
 each program and kept between calls while their shapes stay, so a run allocates its caches
-once. Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
+once. With `attention="paged"` the decode cache is a page pool (`paged`) and the host page
+table (`pages.PageTable`) gives each row pages as it grows; prefill and the prompt store stay
+dense. Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
 host reads is replicated, so every host takes the same decisions.
 """
 from __future__ import annotations
@@ -22,10 +24,15 @@ from tpt_jax.engine import programs as PR
 from tpt_jax.engine.cache import SlotCache, cache_length, cache_shardings, init_cache, init_store
 from tpt_jax.engine.contract import Chunk, Prompt, Start
 from tpt_jax.engine.layout import SamplingWeights
+from tpt_jax.engine.pages import PageTable
+from tpt_jax.engine.paged import PagedCache, init_pool, pool_shardings
 from tpt_jax.gemma import model as M
+from tpt_jax.gemma.attention import CACHE_BLOCK
 from tpt_jax.gemma.sharding import logical_to_spec, use_rules
 
 MAX_CHUNK = 256  # decode steps between host checks at most (an interrupt waits this long)
+MIN_STEPS = 64  # paged: a chunk's page table leaves its longest row at least this many steps
+PAGE_BUCKETS = 4  # paged chunk programs: page tables cut to 1/8, 1/4, 1/2 or all of a slot's
 
 
 def prefill_sizes(entries: int) -> tuple[int, ...]:
@@ -54,9 +61,15 @@ class Device:
     """Weights, caches and programs of one model: `slots` decode slots, prompts up to
     `max_bucket` tokens."""
 
-    def __init__(self, model: M.Gemma2, mesh, rules, slots: int, max_bucket: int, pad_id: int):
+    def __init__(self, model: M.Gemma2, mesh, rules, slots: int, max_bucket: int, pad_id: int,
+                 attention: str = "dense", page: int = 16, pages: Optional[int] = None,
+                 kernel: str = "plain"):
         self.model, self.cfg, self.mesh, self.rules = model, model.cfg, mesh, rules
         self.slots, self.max_bucket, self.pad_id = slots, max_bucket, pad_id
+        # paged: `pages` pool pages of `page` columns (None: every slot at its longest), the
+        # decode attention `kernel` (paged.KERNELS)
+        self.attention, self.page, self.pages, self.kernel = attention, page, pages, kernel
+        self.table: Optional[PageTable] = None
         self.weights = SamplingWeights(model, mesh, rules)
         self.programs = PR.compiled(model.cfg, model.dtype, model.param_dtype)
         self._bufs: dict = {}  # donated device buffers reused between calls
@@ -109,10 +122,22 @@ class Device:
 
     def kv_bytes(self) -> int:
         """Device bytes of the caches held between calls (keys, values, column positions)."""
-        return sum(x.nbytes for _, buf in self._bufs.values()
-                   for x in jax.tree.leaves((buf.k, buf.v, buf.pos)))
+        return sum(x.nbytes for _, buf in self._bufs.values() for x in jax.tree.leaves(
+            buf if isinstance(buf, tuple) else (buf.k, buf.v, buf.pos)))
 
-    # -- continuous batching (contract.SlotDevice)
+    def pool_pages(self, max_new: int) -> int:
+        """Pages of the paged pool: the budget, else every slot at its longest."""
+        return self.pages or self.slots * -(-self.cache_length(max_new) // self.page)
+
+    def page_buckets(self, max_pages: int) -> tuple[int, ...]:
+        """Page counts the chunk program is compiled for: whole blocks of the dense path's
+        long-cache scoring (`attention.CACHE_BLOCK` columns) up to a slot's longest."""
+        unit = max(1, CACHE_BLOCK // self.page)
+        out = {min(max_pages, -(-max_pages // 2 ** i // unit) * unit)
+               for i in range(PAGE_BUCKETS)}
+        return tuple(sorted(out))
+
+    # -- a call's buffers
 
     def begin(self, prog: PR.Program, n: int, seed: int, by_sample: bool = False) -> None:
         """Decode cache, prompt store (as many entries as a static batch has prompts: the
@@ -121,9 +146,14 @@ class Device:
         with n samples per prompt."""
         R = self.slots
         self.prog, self.seed = prog, jnp.asarray(seed, jnp.int32)
+        self.columns_read = 0  # cache columns the call's decode steps read, every slot's
         self.entries = 2 * R if by_sample else max(1, R // min(n, R))
         self.prefill_sizes = prefill_sizes(self.entries)
-        self.cache = self.decode_cache(R, self.cache_length(prog.sampling.max_new_tokens))
+        length = self.cache_length(prog.sampling.max_new_tokens)
+        if self.attention == "dense":
+            self.cache = self.decode_cache(R, length)
+        else:
+            self.begin_paged(length, self.pool_pages(prog.sampling.max_new_tokens))
         self.store = self._buffer("store", (self.entries, self.max_bucket), functools.partial(
             init_store, self.cfg, self.entries, self.max_bucket, self.model.dtype))
         if prog not in self._init_slots:  # one compiled initialiser per setting, not per call
@@ -134,9 +164,73 @@ class Device:
     def end(self) -> None:
         """Hold the decode cache and prompt store for the next call (same shapes: no
         allocation)."""
-        self._keep("cache", (self.slots, self.cache.pos.shape[1]), self.cache)
+        if self.table is None:
+            self._keep("cache", (self.slots, self.cache.pos.shape[1]), self.cache)
+        else:
+            self._keep("pool", (self.table.pages, self.page), self.pool)
         self._keep("store", self.store.pos.shape, self.store)
-        self.cache = self.store = self.state = None
+        self.cache = self.pool = self.table = self.store = self.state = None
+
+    # -- the paged cache
+
+    def begin_paged(self, length: int, pages: int) -> None:
+        """A pool of `pages` pages and an empty page table for slots of `length` columns."""
+        make = functools.partial(init_pool, self.cfg, pages, self.page, self.model.dtype)
+        sh = None if self.mesh is None else pool_shardings(self.cfg, pages, self.page,
+                                                           self.mesh, self.rules)
+        self.pool = self._buffer("pool", (pages, self.page), make, sh)
+        self.table = PageTable(pages, self.page, self.slots, -(-length // self.page))
+        self.grown = np.zeros((self.slots, 3), np.int64)  # per slot: prompt length, limit, drawn
+
+    def reserve(self, prompt: Prompt) -> bool:
+        """Whether a row of `prompt` may start now (paged: its pages at its limit fit beside
+        the running rows'; they are committed to it)."""
+        return self.table is None or self.table.reserve(self.row_columns(prompt))
+
+    @staticmethod
+    def row_columns(prompt: Prompt) -> int:
+        """Columns a row writes in its pages: its prompt, then one per token fed back (all
+        but the last drawn)."""
+        return len(prompt.tokens) + prompt.limit - 1
+
+    def _insert_paged(self, starts: list[Start], prompts: list[Prompt], entry, args) -> None:
+        t = self.table
+        for s in starts:
+            p = prompts[s.request.prompt]
+            t.assign(s.slot, self.row_columns(p))
+            t.grow(s.slot, len(p.tokens))
+            self.grown[s.slot] = (len(p.tokens), p.limit, 1)
+        pages = np.full((self.slots, -(-self.max_bucket // self.page)), t.pages, np.int32)
+        for s in starts:
+            held = t.held[s.slot]
+            pages[s.slot, :held] = t.table[s.slot, :held]
+        with self.rules_context():
+            self.pool, self.state = self.programs["insert_paged"](
+                self.pool, self.state, self.store, entry, self.put(pages, ("act_batch", None)),
+                *args, self.seed, prog=self.prog)
+
+    def _chunk_cache(self, cut: Optional[int] = None) -> tuple[PagedCache, int]:
+        """The pool with page tables cut to the smallest page bucket (or `cut`) that gives
+        every row at least MIN_STEPS more columns (or all it has left), and the steps the
+        chunk may take within it; each row gets the pages those steps fill."""
+        t, buckets = self.table, self.page_buckets(self.table.table.shape[1])
+        rows = [(r, *self.grown[r]) for r in range(self.slots) if t.committed[r]]
+        at = {r: length + drawn - 1 for r, length, _, drawn in rows}  # next column written
+        end = {r: length + limit - 1 for r, length, limit, _ in rows}  # columns at its end
+        if cut is None:
+            need = max([min(at[r] + MIN_STEPS, end[r]) for r in at], default=0)
+            cut = next(b for b in buckets if b * self.page >= need)
+        steps = min([MAX_CHUNK] + [cut * self.page - at[r] for r in at
+                                   if end[r] > cut * self.page])
+        for r in at:
+            t.grow(r, min(at[r] + steps, end[r]))
+        zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
+        cache = PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
+                           table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros,
+                           kernel=self.kernel)
+        return cache, steps
+
+    # -- continuous batching (contract.SlotDevice)
 
     def prefill(self, batch: list[tuple[int, Prompt]]) -> None:
         bucket = batch[0][1].bucket
@@ -159,27 +253,46 @@ class Device:
             entry[s.slot], hashes[s.slot], samples[s.slot], limits[s.slot] = (
                 s.entry, p.id_hash, s.request.sample, p.limit)
         row = lambda x: self.put(x, ("act_batch",))
+        if self.table is not None:
+            return self._insert_paged(starts, prompts, row(entry),
+                                      (row(hashes), row(samples), row(limits)))
         with self.rules_context():
             self.cache, self.state = self.programs["insert"](
                 self.cache, self.state, self.store, row(entry), row(hashes), row(samples),
                 row(limits), self.seed, prog=self.prog)
 
-    def decode(self, min_exit: int) -> Any:
+    def decode(self, min_exit: int, cut: Optional[int] = None) -> Any:
+        cache, max_steps = ((self.cache, MAX_CHUNK) if self.table is None
+                            else self._chunk_cache(cut))
         with self.rules_context():
-            self.cache, self.state, steps, out = self.programs["chunk"](
-                self.params, self.cache, self.state, self.seed, jnp.int32(MAX_CHUNK),
+            cache, self.state, steps, out = self.programs["chunk"](
+                self.params, cache, self.state, self.seed, jnp.int32(max_steps),
                 jnp.int32(min_exit), prog=self.prog)
-        return steps, out
+        if self.table is None:
+            self.cache, columns = cache, cache.pos.shape[1]
+        else:
+            self.pool, columns = (cache.k, cache.v), cache.table.shape[1] * self.page
+        return steps, out, columns
 
     def read(self, handle: Any) -> Chunk:
-        steps, out = handle
+        """Wait for a chunk (counting the cache columns its steps read, `columns_read`);
+        paged, the pages of rows that ended go back to the free list."""
+        steps, out, columns = handle
         done, drawn, stopped, tokens, logits = (None if x is None else np.asarray(x)
                                                 for x in out)
+        self.columns_read += int(steps) * self.slots * columns
+        if self.table is not None:
+            for r in range(self.slots):
+                self.grown[r, 2] = drawn[r]
+                if done[r] and self.table.committed[r]:
+                    self.table.release(r)
         return Chunk(int(steps), done, drawn, stopped, tokens, logits)
 
     def release(self, slots: list[int]) -> None:
         mask = np.zeros(self.slots, bool)
         mask[slots] = True
+        for r in slots if self.table is not None else ():
+            self.table.release(r)
         with self.rules_context():
             self.state = self.programs["release"](self.state, self.put(mask, ("act_batch",)))
 
@@ -194,7 +307,9 @@ class Device:
                     self.store = self.programs["prefill"](self.params, self.store, x, x, none)
         self.insert([], [])
         self.release([])
-        self.read(self.decode(1))  # every slot is empty: no step runs
+        cuts = (None,) if self.table is None else self.page_buckets(self.table.table.shape[1])
+        for cut in cuts:
+            self.read(self.decode(1, cut))  # every slot is empty: no step runs
 
     # -- static batches (the reference)
 

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpt_jax.engine.cache import LayerView, SlotCache, write_positions
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.attention import softcap
 from tpt_jax.gemma.config import ModelConfig
@@ -127,21 +126,18 @@ def logits_of(sp: dict, hidden: Array, cfg: ModelConfig) -> Array:
 
 
 def forward_layers(model: M.Gemma2, sp: dict, tokens: Array, positions: Array,
-                   cache: SlotCache, index: Array) -> tuple[Array, SlotCache]:
+                   cache: Any, index: Array) -> tuple[Array, Any]:
     """The model over the sampling layout: the model's own `Block`s, one call per layer
-    (unrolled), each attending through its `LayerView`, writing the T new keys at cache
-    column `index` (a scalar, or one column per row). Returns the final hidden [B, T, D]."""
+    (unrolled), each attending through its view of `cache` (a `cache.SlotCache` or a
+    `paged.PagedCache`), writing the T new keys at cache column `index` (a scalar, or one
+    column per row). Returns the final hidden [B, T, D] and the updated cache."""
     cfg, dt = model.cfg, model.dtype
     x = M.embed_tokens(sp["embedding"], tokens, cfg, dt)
     positions = positions.astype(jnp.int32)
-    key_pos = write_positions(cache.pos, positions, index)
-    ks, vs = [], []
-    for layer, bp in enumerate(sp["blocks"]):
+    views = []
+    for layer, (bp, view) in enumerate(zip(sp["blocks"], cache.views(positions, index))):
         block = M.Block(cfg, cfg.local_layer(layer), dt, model.param_dtype)
-        view = LayerView(k=cache.k[layer], v=cache.v[layer], pos=key_pos, index=index)
         x, view = block.apply({"params": bp}, x, positions, None, view)
-        ks.append(view.k)
-        vs.append(view.v)
+        views.append(view)
     x = M.make_norm(cfg, model.param_dtype).apply({"params": sp["final_norm"]}, x)
-    return x, SlotCache(k=tuple(ks), v=tuple(vs), pos=key_pos)
-
+    return x, cache.from_views(views)

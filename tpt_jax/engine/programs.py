@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from tpt_jax.engine.cache import (SlotCache, Store, constrain_cache, constrain_store,
                                   init_cache)
 from tpt_jax.engine.layout import forward_layers, logits_of
+from tpt_jax.engine.paged import PagedCache, constrain_pool
 from tpt_jax.engine.sampling import SamplingConfig, row_keys, sample_logits, step_keys
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import constrain
@@ -236,6 +237,36 @@ def insert(model: M.Gemma2, cache: SlotCache, slots: Slots, store: Store, entry:
     cache = constrain_cache(SlotCache(k=tuple(prefix(c, s) for c, s in zip(cache.k, store.k)),
                                        v=tuple(prefix(c, s) for c, s in zip(cache.v, store.v)),
                                        pos=sel(cache.pos, pos)))
+    return cache, _start_rows(slots, store, entry, hashes, samples, limits, seed, prog)
+
+
+def insert_paged(model: M.Gemma2, pool: tuple, slots: Slots, store: Store, entry: Array,
+                 pages: Array, hashes: Array, samples: Array, limits: Array, seed: Array,
+                 prog: Program):
+    """`insert` into a (donated) paged pool: slot r's prompt, moved from the end of its bucket
+    to column 0, goes to the pages pages[r] [ceil(Lp / page)] (out of range: not written,
+    e.g. past the prompt or not inserted)."""
+    TRACE_COUNT["insert"] += 1
+    take = jnp.maximum(entry, 0)
+    n, page = pages.shape[1], pool[0][0].shape[2]
+    shift = store.start[take] - store.pos0[take]  # the bucket's left padding
+
+    def copy(p, s):  # s [E, K, Lp, H] -> pool p [K, pages, page, H]
+        x = jnp.pad(s[take], ((0, 0), (0, 0), (0, n * page), (0, 0)))
+        x = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, n * page, axis=1))(x, shift)
+        x = x.reshape(x.shape[0], x.shape[1], n, page, x.shape[3]).swapaxes(0, 1)
+        return p.at[:, pages].set(x.astype(p.dtype), mode="drop")
+
+    pool = constrain_pool((tuple(copy(p, s) for p, s in zip(pool[0], store.k)),
+                           tuple(copy(p, s) for p, s in zip(pool[1], store.v))))
+    return pool, _start_rows(slots, store, entry, hashes, samples, limits, seed, prog)
+
+
+def _start_rows(slots: Slots, store: Store, entry: Array, hashes: Array, samples: Array,
+                limits: Array, seed: Array, prog: Program) -> Slots:
+    """The slot state of the rows `insert` starts, their first token drawn."""
+    new, take = entry >= 0, jnp.maximum(entry, 0)
+    sel = lambda old, x: jnp.where(new.reshape((-1,) + (1,) * (old.ndim - 1)), x, old)
     first = store.logits[take]
     tok = sample_logits(first, step_keys(row_keys(seed, hashes, samples), 0), prog.sampling)
     out0 = jnp.full(slots.out.shape, prog.pad_id, jnp.int32).at[:, 0].set(tok)
@@ -250,13 +281,14 @@ def insert(model: M.Gemma2, cache: SlotCache, slots: Slots, store: Store, entry:
                   sample=sel(slots.sample, samples), done=sel(slots.done, hit | (limits <= 1)),
                   stopped=sel(slots.stopped, hit), out=sel(slots.out, out0),
                   recent=sel(slots.recent, recent0), seen=seen)
-    return cache, _constrain_slots(slots)
+    return _constrain_slots(slots)
 
 
-def chunk(model: M.Gemma2, sp: dict, cache: SlotCache, slots: Slots, seed: Array,
+def chunk(model: M.Gemma2, sp: dict, cache: SlotCache | PagedCache, slots: Slots, seed: Array,
           max_steps: Array, min_exit: Array, prog: Program):
     """Decode every live slot, one token a step, until `min_exit` slots have finished, all are
-    done, or `max_steps` steps. Returns (cache, slots, steps run, replicated (done, tokens
+    done, or `max_steps` steps (a paged cache's page tables must cover the columns those
+    steps write). Returns (cache, slots, steps run, replicated (done, tokens
     drawn, stopped, out, logits or None))."""
     TRACE_COUNT["chunk"] += 1
     cfg, max_new = model.cfg, prog.sampling.max_new_tokens
@@ -269,6 +301,8 @@ def chunk(model: M.Gemma2, sp: dict, cache: SlotCache, slots: Slots, seed: Array
         k, fin, s, cache = state
         live = ~s.done
         pos = (s.pos0 + s.step - 1)[:, None]
+        if isinstance(cache, PagedCache):
+            cache = cache.replace(offset=s.start - s.pos0, live=live)
         hidden, cache = forward_layers(model, sp, s.tok[:, None], pos, cache,
                                        s.start + s.step - 1)
         step_logits = logits_of(sp, hidden[:, 0], cfg)
@@ -287,7 +321,8 @@ def chunk(model: M.Gemma2, sp: dict, cache: SlotCache, slots: Slots, seed: Array
         s = s.replace(tok=new, step=step, done=done, stopped=s.stopped | hit, out=out,
                       recent=recent, seen=seen)
         fin = fin + jnp.sum(done & live).astype(jnp.int32)
-        return k + 1, fin, _constrain_slots(s), constrain_cache(cache)
+        cache = cache.constrain() if isinstance(cache, PagedCache) else constrain_cache(cache)
+        return k + 1, fin, _constrain_slots(s), cache
 
     state = (jnp.int32(0), jnp.int32(0), slots, cache)
     steps, _, slots, cache = jax.lax.while_loop(cond, body, state)
@@ -312,4 +347,5 @@ def compiled(cfg, dtype, param_dtype):
                                                      donate_argnames=donate)
     return {"generate": jit(generate, ("cache",)), "prefill": jit(prefill, ("store",), ()),
             "insert": jit(insert, ("cache", "slots")), "chunk": jit(chunk, ("cache", "slots")),
+            "insert_paged": jit(insert_paged, ("pool", "slots")),
             "release": jax.jit(release, donate_argnames=("slots",))}

@@ -4,7 +4,10 @@ programs, caches and sampling-layout buffers) serves a whole run.
 
 Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
 slot whose row ends takes the next waiting sample at once) and drives the device side
-(`device.Device`) through the narrow contract of `contract.py`. `static=True` runs static
+(`device.Device`) through the narrow contract of `contract.py`. `attention="paged"`
+(or "pallas", the same cache read by JAX's Pallas GPU kernel) keeps the decode cache in pages that rows take as they grow (`pages`, `paged`): tokens are
+those of the dense cache, the attention reads only the pages a chunk can reach, and a KV
+budget (`kv_cache_gb`) limits the rows running at once. `static=True` runs static
 batches instead (`static.py`), the reference the tests compare against. A sample's tokens
 depend only on (seed, question id, sample index), never on its slot, when it started or what
 else ran, so cancelling some (early stop, `samples_needed`) never changes the others.
@@ -16,16 +19,19 @@ import hashlib
 import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
-from tpt_jax.config import ConfigError
+from tpt_jax.config import ATTENTIONS, ConfigError
 from tpt_jax.engine import programs as PR
 from tpt_jax.engine.contract import Finished, Prompt, Stats
 from tpt_jax.engine.device import Device
+from tpt_jax.engine.paged import pool_bytes
 from tpt_jax.engine.sampling import SamplingConfig
 from tpt_jax.engine.scheduler import Scheduler
 from tpt_jax.engine.static import run_static
 from tpt_jax.gemma import model as M
+from tpt_jax.gemma.attention import CACHE_BLOCK
 from tpt_jax.gemma.sharding import SAMPLE_RULES
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,51 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
+def resolve_attention(name: str, interpret: bool = False) -> str:
+    """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
+    and the paged cache on accelerators; 'pallas' (the paged cache read by JAX's Pallas GPU
+    kernel) needs a GPU, or `interpret` (the kernel interpreted, for tests on CPU)."""
+    if name not in ATTENTIONS:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+    backend = jax.default_backend()
+    if name == "pallas" and backend != "gpu" and not interpret:
+        raise ConfigError(f"attention 'pallas' runs JAX's Pallas GPU paged-attention kernel, "
+                          f"and this backend is {backend}: use 'paged'")
+    if name == "auto":
+        return "dense" if backend == "cpu" else "paged"
+    return name
+
+
+PAGE_SIZE = 16  # paged cache: columns a page holds
+
+
+def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int],
+               kv_cache_gb: Optional[float], max_new_tokens: Optional[int] = None
+               ) -> Optional[int]:
+    """Pages of the paged pool from the KV budget (None: dense, or every slot at its
+    longest), or a one-line error: a budget without a paged cache, a page size that does not
+    divide the cache's blocks, a budget that cannot hold one row at its longest."""
+    if attention == "dense":
+        if kv_cache_gb is not None:
+            raise ConfigError("kv_cache_gb sizes the paged cache: set attention to 'paged'")
+        return None
+    if page < 1 or CACHE_BLOCK % page:
+        raise ConfigError(f"page size {page} does not divide the cache's blocks of "
+                          f"{CACHE_BLOCK} columns")
+    if kv_cache_gb is None:
+        return None
+    if kv_cache_gb <= 0:
+        raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+    pages = int(kv_cache_gb * 1e9 // pool_bytes(model.cfg, 1, page, model.dtype))
+    need = 0 if max_new_tokens is None else -(-(buckets[-1] + max_new_tokens - 1) // page)
+    # (a row's pages hold its own prompt; the longest prompt fills the largest bucket)
+    if pages < need:
+        raise ConfigError(
+            f"kv_cache_gb={kv_cache_gb} holds {pages} pages of {page} tokens, but one row at "
+            f"its longest ({buckets[-1]} prompt + {max_new_tokens} new tokens) needs {need}")
+    return pages
+
+
 def stable_hash(text: str) -> int:
     """31-bit hash of a question id, identical on every host and every run."""
     return int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:4], "little") & 0x7FFFFFFF
@@ -86,7 +137,8 @@ class Sampler:
                  max_prompt_tokens: int = 512, buckets: Optional[Sequence[int]] = None,
                  eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
-                 refill_at: Optional[int] = None):
+                 refill_at: Optional[int] = None, attention: str = "dense", page_size: int = PAGE_SIZE,
+                 kv_cache_gb: Optional[float] = None, interpret: bool = False):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
         self.model, self.rows = model, rows
@@ -97,10 +149,20 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id)
+        self.attention = resolve_attention(attention, interpret)
+        self.kv_cache_gb = kv_cache_gb
+        pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
+        kernel = {"pallas": "interpret" if interpret else "pallas"}.get(self.attention, "plain")
+        self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
+                             self.attention, page_size, pages, kernel)
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
+
+    def check_kv(self, max_new_tokens: int) -> None:
+        """One-line error when the KV budget cannot hold one row at its longest."""
+        pool_pages(self.model, self.attention, self.device.page, self.buckets,
+                   self.kv_cache_gb, max_new_tokens)
 
     def update_params(self, params: Any) -> bool:
         """Sample from `params` from now on: copied into the existing sampling buffers (the
@@ -167,6 +229,7 @@ class Sampler:
         if len(ids) != len(prompts):
             raise ValueError("ids and prompts differ in length")
         cap = sampling.validate().max_new_tokens
+        self.check_kv(cap)
         limits = [cap] * len(prompts) if max_new_tokens is None else [int(x) for x in max_new_tokens]
         if len(limits) != len(prompts):
             raise ValueError("max_new_tokens and prompts differ in length")

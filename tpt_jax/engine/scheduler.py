@@ -11,6 +11,9 @@ host steps in once per refill, not once per token. While a chunk runs, the calle
 previous chunk's finished rows into results. Every host takes the same decisions from the
 same replicated outputs.
 
+A device with a paged cache may refuse a request (`reserve`: its pages do not fit beside the
+running rows'); it then waits, with those after it, until rows end.
+
 Early stop (`by_sample=True`): requests run sample-major (every prompt's sample 0 before any
 sample 1), and a prompt's next sample waits while an earlier one is undecided (running, or
 finished but not yet seen by the caller) as long as another prompt's request can start
@@ -145,11 +148,14 @@ class Scheduler:
             if not free:
                 break
             request = self.queue[k]
-            if request.prompt not in self.entry_of:
-                if not self.free_entries:
-                    if not self.by_sample:
-                        break  # in queue order no later prompt has an entry either
-                    continue  # nor can its later samples: they need the same entry
+            opens = request.prompt not in self.entry_of
+            if opens and not self.free_entries:
+                if not self.by_sample:
+                    break  # in queue order no later prompt has an entry either
+                continue  # nor can its later samples: they need the same entry
+            if not self.device.reserve(self.prompts[request.prompt]):
+                break  # no room (paged cache): it waits for running rows to end
+            if opens:
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
             starts.append(Start(free.pop(0), self.entry_of[request.prompt], request))

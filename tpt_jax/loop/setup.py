@@ -22,7 +22,7 @@ from tpt_jax.gemma.tokenizer import check_vocab
 from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
 from tpt_jax import prompts
-from tpt_jax.stages.think import Samplers
+from tpt_jax.stages.think import Samplers, check_cache
 from tpt_jax.stages.train_step import check_batch
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def setup(cfg: RunConfig, progress: bool = True) -> Setup:
     check_source_checkpoints(cfg)
     model_cfg = weights.read_hf_config(cfg.checkpoint) if cfg.checkpoint else model_preset(cfg.model)
     model = M.make_model(model_cfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
+    check_cache(model, cfg.think)
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(tokenizer, model_cfg.vocab_size)
     train_q = load_split(cfg.data, "train")

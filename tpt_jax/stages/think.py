@@ -26,6 +26,7 @@ from tpt_jax.stages import answers
 from tpt_jax.stages import prune as PR
 from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
+from tpt_jax.engine.sampler import PAGE_SIZE, pool_pages, prompt_buckets, resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,20 @@ def make_sampler(model, tokenizer, cfg: ThinkConfig, mesh=None, params: Any = No
     several calls (`Samplers`) to keep its compiled programs and buffers."""
     if cfg.max_prompt_tokens < 1:
         raise ConfigError(f"think.max_prompt_tokens must be >= 1, got {cfg.max_prompt_tokens}")
-    return Sampler(model, params, mesh, rows=cfg.batch_size,
-                   max_prompt_tokens=cfg.max_prompt_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id)
+    sampler = Sampler(model, params, mesh, rows=cfg.batch_size,
+                      max_prompt_tokens=cfg.max_prompt_tokens, eos_id=tokenizer.eos_id,
+                      pad_id=tokenizer.pad_id, attention=cfg.attention,
+                      kv_cache_gb=cfg.kv_cache_gb)
+    sampler.check_kv(cfg.max_new_tokens)
+    return sampler
+
+
+def check_cache(model, cfg: ThinkConfig) -> None:
+    """think.attention and think.kv_cache_gb for this model and backend: one-line errors
+    before any work (a page size that does not divide the prompt buckets, a KV budget too
+    small for one row at its longest)."""
+    pool_pages(model, resolve_attention(cfg.attention), PAGE_SIZE,
+               prompt_buckets(cfg.max_prompt_tokens), cfg.kv_cache_gb, cfg.max_new_tokens)
 
 
 class Samplers:

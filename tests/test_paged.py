@@ -1,0 +1,210 @@
+"""The paged KV cache (attention='paged'): the dense cache is the reference. Tokens, finish
+reasons and counts are identical on ragged work (per-prompt limits, EOS and stop sequences at
+different steps), through a pool too small for every slot (rows wait), on 8 devices, with
+early stop and new weights; a corrupted page table is caught; bad settings are one-line
+errors."""
+import jax
+import numpy as np
+import pytest
+
+from tpt_jax.config import ConfigError, MeshConfig
+from tpt_jax.engine import sampler as S
+from tpt_jax.engine.pages import PageTable
+from tpt_jax.engine.sampling import SamplingConfig
+from tpt_jax.gemma import model as M
+from tpt_jax.gemma.config import model_preset
+from tpt_jax.gemma.sharding import make_mesh
+
+SAMPLED = SamplingConfig(temperature=1.0, top_k=30, top_p=0.95, max_new_tokens=20)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """test-tiny (window 8) with random weights large enough that outputs vary."""
+    model = M.make_model(model_preset("test-tiny"))
+    params = M.init_params(model, jax.random.key(3))
+    return model, jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+
+
+def sampler(tiny, attention, rows=5, mesh=None, **kw):
+    """An EOS and a 2-token stop sequence that the tiny model's rows do produce; prompt
+    buckets 8/16/32, pages of 4 columns."""
+    model, params = tiny
+    if attention != "dense":
+        kw.setdefault("page_size", 4)
+    return S.Sampler(model, params, mesh, rows=rows, buckets=(8, 16, 32), eos_id=(17, 201),
+                     stop_tokens=[[40, 41], [99]], attention=attention, **kw)
+
+
+@pytest.fixture(scope="module")
+def work(tiny):
+    """12 prompts over three buckets with ragged limits (1..20), n=3."""
+    rng = np.random.RandomState(11)
+    lengths = [3, 30, 9, 17, 5, 12, 25, 8, 2, 14, 31, 6]
+    prompts = [[2] + rng.randint(3, tiny[0].cfg.vocab_size, size=n - 1).tolist()
+               for n in lengths]
+    ids = [f"q{i}" for i in range(len(prompts))]
+    return prompts, ids, rng.randint(1, 21, size=len(prompts)).tolist()
+
+
+def run(s, work, sampling, **kw):
+    prompts, ids, limits = work
+    return s.generate(prompts, sampling, n=3, ids=ids, seed=2, max_new_tokens=limits, **kw)
+
+
+def tokens(res):
+    return [[(g.tokens, g.finish, g.num_tokens) for g in r] for r in res]
+
+
+@pytest.fixture(scope="module")
+def dense(tiny, work):
+    return {name: run(sampler(tiny, "dense"), work, sc, return_logits=True)
+            for name, sc in (("sampled", SAMPLED), ("greedy", GREEDY))}
+
+
+def test_reference_is_ragged(dense):
+    gens = [g for r in dense["sampled"] for g in r]
+    assert {g.finish for g in gens} == {"stop", "length"}
+    assert len({g.num_tokens for g in gens}) > 5
+
+
+@pytest.mark.parametrize("name", ["sampled", "greedy"])
+def test_paged_equals_dense(tiny, work, dense, name):
+    """Same tokens; the logits of every step equal up to float rounding."""
+    s = sampler(tiny, "paged")
+    got = run(s, work, SAMPLED if name == "sampled" else GREEDY, return_logits=True)
+    assert tokens(got) == tokens(dense[name])
+    for r, w in zip(got, dense[name]):
+        for a, b in zip(r, w):
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+    assert s.device.kv_bytes() > 0 and s.device.table is None  # the pool is held, pages freed
+
+
+def test_tight_pool_rows_wait(tiny, work, dense):
+    """A pool of 30 pages (two rows at their longest, not five slots): rows wait for pages,
+    the pages held never exceed the pool, and the tokens stay."""
+    s = sampler(tiny, "paged")
+    s.device.pages = 30
+    held = []
+    grow = PageTable.grow
+
+    def spy(table, slot, columns):
+        grow(table, slot, columns)
+        held.append(table.pages - len(table.free))
+        assert sorted(table.free + [int(p) for r in range(len(table.held))
+                                    for p in table.table[r, :table.held[r]]]) == list(range(30))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(PageTable, "grow", spy)
+    try:
+        got = run(s, work, SAMPLED)
+    finally:
+        mp.undo()
+    assert tokens(got) == tokens(dense["sampled"])
+    assert 0 < max(held) <= 30
+    roomy = sampler(tiny, "paged")
+    run(roomy, work, SAMPLED)
+    assert s.stats.decode_steps > roomy.stats.decode_steps  # rows waited
+
+
+def test_broken_page_table_is_caught(tiny, work, dense, monkeypatch):
+    """Two live rows sharing a page must change tokens: the comparison can fail."""
+    grow = PageTable.grow
+
+    def shared(table, slot, columns):
+        grow(table, slot, columns)
+        table.table[slot, :table.held[slot]] = np.minimum(table.table[slot, :table.held[slot]], 3)
+
+    monkeypatch.setattr(PageTable, "grow", shared)
+    assert tokens(run(sampler(tiny, "paged"), work, SAMPLED)) != tokens(dense["sampled"])
+
+
+def test_paged_sharded(tiny, work, dense):
+    """8 CPU devices (slots over data, heads over tensor): the single-device dense tokens."""
+    for shape in [(8, 1, 1), (2, 1, 4)]:
+        s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(*shape)))
+        assert tokens(run(s, work, SAMPLED)) == tokens(dense["sampled"])
+
+
+def test_paged_early_stop_and_new_weights(tiny, work):
+    """Early stop (samples cancelled while running) and update_params: as the dense cache."""
+    model, params = tiny
+    other = jax.tree.map(lambda x: x * 1.1, params)
+    out = []
+    for attention in ("dense", "paged"):
+        seen: dict = {}
+
+        def need(i, j, g):  # enough once a stopped sample is among the finished first ones
+            seen.setdefault(i, {})[j] = g.finish
+            m = 0
+            while m in seen[i]:
+                m += 1
+            return m if "stop" in [seen[i][k] for k in range(m)] else None
+
+        s = sampler(tiny, attention, rows=16)  # more slots than prompts: running rows cancelled
+        first, cancelled = tokens(run(s, work, SAMPLED, samples_needed=need)), s.stats.cancelled
+        s.update_params(other)
+        out.append((first, cancelled, tokens(run(s, work, SAMPLED))))
+    assert out[0][0] == out[1][0] and out[0][1] == out[1][1] > 0
+    assert out[0][2] == out[1][2]
+
+
+def test_long_rows_cross_page_buckets(tiny):
+    """Rows of 300 tokens: chunks cut the page table to 32, 48 then all 80 pages as the rows
+    grow (the dense cache scores its 320 columns in blocks, short cuts in one matmul): the
+    tokens stay."""
+    model, params = tiny
+    prompts = [[2, 5, 9], [2] + list(range(3, 14))]
+    sc = SamplingConfig(temperature=1.0, max_new_tokens=300)
+    kw = dict(rows=2, buckets=(16,), eos_id=None)
+    want = S.Sampler(model, params, **kw).generate(prompts, sc, n=1, max_new_tokens=[300, 170])
+    s = S.Sampler(model, params, attention="paged", page_size=4, **kw)
+    cuts = []
+    make = type(s.device)._chunk_cache
+
+    def spy(device, cut=None):
+        c = make(device, cut)
+        cuts.append(c[0].table.shape[1])
+        return c
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(type(s.device), "_chunk_cache", spy)
+    try:
+        got = s.generate(prompts, sc, n=1, max_new_tokens=[300, 170])
+    finally:
+        mp.undo()
+    assert tokens(got) == tokens(want)
+    assert s.device.page_buckets(80) == (16, 32, 48, 80) and {32, 48, 80} <= set(cuts)
+
+
+def test_bad_settings(tiny):
+    with pytest.raises(ConfigError, match="page size 24 does not divide the cache's blocks"):
+        sampler(tiny, "paged", page_size=24)
+    with pytest.raises(ConfigError, match="attention 'pallas' runs JAX's Pallas GPU"):
+        sampler(tiny, "pallas")
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        sampler(tiny, "flash")
+    with pytest.raises(ConfigError, match="kv_cache_gb sizes the paged cache"):
+        sampler(tiny, "dense", kv_cache_gb=1.0)
+    s = sampler(tiny, "paged", kv_cache_gb=1e-5)
+    with pytest.raises(ConfigError, match="holds 2 pages of 4 tokens, but one row at its "
+                                          "longest .32 prompt \\+ 20 new tokens. needs 13"):
+        s.generate([[2, 3]], SAMPLED)
+
+
+def test_pallas_kernel_interpreted(tiny, work, dense, monkeypatch):
+    """JAX's Pallas GPU paged-attention kernel, interpreted on CPU, on the global layers (the
+    window of 8 bites on local ones, which take the plain path): the dense tokens, logits
+    within float rounding."""
+    from tpt_jax.engine import paged
+    calls = []
+    kernel = paged.kernel_attention
+    monkeypatch.setattr(paged, "kernel_attention",
+                        lambda *a: calls.append(a[-1]) or kernel(*a))
+    got = run(sampler(tiny, "pallas", interpret=True), work, SAMPLED, return_logits=True)
+    assert tokens(got) == tokens(dense["sampled"])
+    for r, w in zip(got, dense["sampled"]):
+        for a, b in zip(r, w):
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+    assert calls and all(calls)  # traced, interpreted

@@ -1,0 +1,146 @@
+"""The paged KV cache on the device: a page pool per layer and the attention that reads a
+slot's pages through its page table (`pages.PageTable` decides which pages a slot holds).
+
+- `init_pool` / `pool_shardings`: one [kv_heads, pages, page, head_dim] pool per layer (the
+  layout of the Pallas kernel; heads over tensor, pages replicated over the data axes, so any
+  slot can hold any page).
+- `PagedCache`: the pools plus, for one decode step, each slot's page table cut to the pages a
+  chunk can reach, the column offset between the dense layout and the pages, and whether each
+  row is live. Its layers (`PagedView`) write the step's keys into the row's page and attend
+  over the row's pages: the plain path gathers them and runs the dense path's own
+  `attention.cached_attention` (cost follows the chunk's page count, the longest live row
+  rounded up to a page bucket, not the reserved length); `kernel="pallas"` runs JAX's Pallas
+  GPU `paged_attention` (per-row lengths, Gemma2's soft-cap) on layers where the sliding
+  window cannot bite (global layers, or every layer while the page table is within the
+  window), the plain path on the others.
+
+A row's prompt sits at columns [0, prompt length) of its pages (the dense cache left-pads it
+to its bucket; `programs.insert_paged` shifts it), so column c holds position c: what the
+kernel's per-row lengths assume, and a row takes pages for its own prompt, not its bucket.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from tpt_jax.gemma import attention as A
+from tpt_jax.gemma.config import ModelConfig
+from tpt_jax.gemma.sharding import constrain, logical_to_spec
+
+Array = jax.Array
+
+POOL_AXES = ("cache_kv_heads", None, None, "head_dim")
+KERNELS = ("plain", "pallas", "interpret")  # interpret: the Pallas kernel on CPU (tests)
+
+
+def init_pool(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> tuple:
+    shape = (cfg.num_kv_heads, pages, page, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return zeros(), zeros()
+
+
+def pool_shardings(cfg: ModelConfig, pages: int, page: int, mesh, rules) -> tuple:
+    shape = (cfg.num_kv_heads, pages, page, cfg.head_dim)
+    sh = NamedSharding(mesh, logical_to_spec(POOL_AXES, rules, mesh, shape))
+    return (sh,) * cfg.num_layers, (sh,) * cfg.num_layers
+
+
+def constrain_pool(pool: tuple) -> tuple:
+    return tuple(tuple(constrain(x, POOL_AXES) for x in part) for part in pool)
+
+
+def pool_bytes(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> int:
+    """Device bytes of a pool of `pages` pages (keys and values, every layer)."""
+    return (2 * cfg.num_layers * pages * page * cfg.num_kv_heads * cfg.head_dim
+            * jnp.dtype(dtype).itemsize)
+
+
+def kernel_attention(q: Array, k_pool: Array, v_pool: Array, table: Array, lengths: Array,
+                     cfg: ModelConfig, interpret: bool) -> Array:
+    """JAX's Pallas GPU paged attention: q [B, 1, N, H] (scaled) over each row's first
+    `lengths` columns -> [B, 1, N, H]. Its splits must divide the page table."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    B, _, N, H = q.shape
+    P = table.shape[1]
+    splits = math.gcd(P, 16)
+    out = paged_attention(q[:, 0], k_pool.astype(q.dtype), v_pool.astype(q.dtype),
+                          jnp.minimum(table, k_pool.shape[1] - 1), lengths.astype(jnp.int32),
+                          k_splits=splits, pages_per_compute_block=math.gcd(P // splits, 8),
+                          attn_logits_soft_cap=cfg.attn_logit_softcap, interpret=interpret)
+    return out.reshape(B, 1, N, H)
+
+
+@flax.struct.dataclass
+class PagedView:
+    """One layer of a `PagedCache` for `attention.attend`."""
+
+    k: Array  # [K, pages, page, H]
+    v: Array
+    table: Array  # [B, P] page ids (out of range: none held)
+    column: Array  # [B] the column this step writes (= its position)
+    key_pos: Array  # [B, P * page] positions of the gathered columns (-1: masked)
+    live: Array  # [B] rows that write (done rows' pages may already be someone else's)
+    kernel: str = flax.struct.field(pytree_node=False, default="plain")
+
+    def attend(self, q: Array, k: Array, v: Array, positions: Array, sliding: bool,
+               cfg: ModelConfig) -> tuple[Array, "PagedView"]:
+        k_pool, v_pool = self._write(self.k, k), self._write(self.v, v)
+        view = self.replace(k=k_pool, v=v_pool)
+        reach = self.table.shape[1] * k_pool.shape[2]
+        if self.kernel != "plain" and (not sliding or reach <= cfg.sliding_window):
+            out = kernel_attention(q, k_pool, v_pool, self.table, self.column + 1, cfg,
+                                   self.kernel == "interpret")
+            return constrain(out, A.HEADS_AXES), view
+        out = A.cached_attention(q, self._gather(k_pool, q.dtype), self._gather(v_pool, q.dtype),
+                                 self.key_pos, positions, sliding, cfg)
+        return out, view
+
+    def _write(self, pool: Array, new: Array) -> Array:
+        """new [B, 1, K, H] into each live row's page at `column`."""
+        page = pool.shape[2]
+        at = jnp.take_along_axis(self.table, (self.column // page)[:, None], axis=1)[:, 0]
+        at = jnp.where(self.live, at, pool.shape[1])
+        new = jnp.swapaxes(new[:, 0], 0, 1).astype(pool.dtype)  # [K, B, H]
+        return pool.at[:, at, self.column % page].set(new, mode="drop")
+
+    def _gather(self, pool: Array, dtype: Any) -> Array:
+        """The rows' pages [B, K, P * page, H] (entries past a row's pages read some page,
+        masked by key_pos)."""
+        B, P = self.table.shape
+        K, _, page, H = pool.shape
+        pages = jnp.take(pool, self.table, axis=1, mode="clip")  # [K, B, P, page, H]
+        return jnp.swapaxes(pages, 0, 1).reshape(B, K, P * page, H).astype(dtype)
+
+
+@flax.struct.dataclass
+class PagedCache:
+    """Pools per layer, and for the current step: page tables [B, P], offsets [B] (dense
+    column - paged column) and live rows [B]."""
+
+    k: tuple
+    v: tuple
+    table: Array
+    offset: Array
+    live: Array
+    kernel: str = flax.struct.field(pytree_node=False, default="plain")
+
+    def views(self, positions: Array, index: Array) -> list:
+        """Per layer, the view that writes at dense column `index` (paged: index - offset)."""
+        page = self.k[0].shape[2]
+        column = index - self.offset
+        col = jnp.arange(self.table.shape[1] * page, dtype=jnp.int32)[None]
+        key_pos = jnp.where(col <= column[:, None], col, -1)
+        return [PagedView(k=k, v=v, table=self.table, column=column, key_pos=key_pos,
+                          live=self.live, kernel=self.kernel) for k, v in zip(self.k, self.v)]
+
+    def from_views(self, views: list) -> "PagedCache":
+        return self.replace(k=tuple(x.k for x in views), v=tuple(x.v for x in views))
+
+    def constrain(self) -> "PagedCache":
+        k, v = constrain_pool((self.k, self.v))
+        return self.replace(k=k, v=v)
