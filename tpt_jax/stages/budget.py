@@ -19,15 +19,14 @@ from tpt_jax.stages import prune as PR
 
 def check(cfg: ThinkConfig, prune: Optional[PruneConfig], questions: int,
           where: str = "think.") -> Optional[int]:
-    """Budget mode's k (the candidates that settle a question), or None when it is off; a
-    one-line ConfigError for settings it cannot work with (`tpt run` checks every round's
-    before round 0; `where` as in `config.validate_budget`)."""
-    if cfg.budget_tokens is None:
+    """Budget mode's k (the candidates that settle a question), or None when it is off: no
+    budget, or no Prune settings (Eval and synthesis sample with Think's settings, settling
+    nothing); a one-line ConfigError for settings it cannot work with (`tpt run` checks every
+    round's before round 0; `where` as in `config.validate_budget`)."""
+    if cfg.budget_tokens is None or prune is None:
         return None
     validate_budget(cfg, where)
     n, tokens, longest = (field_name(where, f) for f in ("n", "budget_tokens", "max_new_tokens"))
-    if prune is None:
-        raise ConfigError(f"{tokens} needs Prune's settings to tell which questions are settled")
     cap, why = PR.stop_cap(prune)
     if cap is None:
         raise ConfigError(f"{tokens}: prune.strategy {prune.strategy} cannot settle a question "

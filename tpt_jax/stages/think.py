@@ -289,14 +289,14 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     reused: dict[int, list[dict]] = {}
     cap = early_stop(cfg, prune)
     settle = budget.check(cfg, prune, sum(len(s) for s in shards))  # k, in budget mode
-    per_q = cfg.n if settle is None else cfg.n_max  # samples a question may have
+    most = cfg.n if settle is None else cfg.n_max  # samples a question may have
     if out_dir is not None:
         _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops,
                                            None if cap is None and settle is None else prune),
                         long_info)
         _remove_partial_shards(out_dir)
         for k, exists in enumerate(_done_shards(out_dir, len(shards))):
-            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], per_q,
+            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], most,
                                cap is not None or settle is not None) if exists else None
             if recs is not None:
                 reused[k] = recs
