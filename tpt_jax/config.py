@@ -84,6 +84,11 @@ class ThinkConfig:
     # stay; paged on GPU/TPU).
     attention: str = "auto"
     kv_cache_gb: Optional[float] = None  # paged: the page pool (None: every slot at its longest)
+    # Budget mode (tpt_jax/stages/budget.py), both or neither: after think.n samples of every
+    # question, the questions Prune's rule has not settled (first-correct, max-k) get one more
+    # sample a wave, up to n_max each, while the round's budget of decoded tokens lasts.
+    n_max: Optional[int] = None
+    budget_tokens: Optional[int] = None
 
 
 # Prune strategy steps, joined with "+" (e.g. "all-correct+dedup-text"); rft = calculator +
@@ -283,6 +288,7 @@ def validate_run(cfg: RunConfig) -> RunConfig:
                           f"pallas or auto, got {t.kv_cache_gb} with {t.attention}")
     if any(not isinstance(s, str) or not s for s in t.stop):
         raise ConfigError(f"think.stop must be a list of non-empty strings, got {t.stop!r}")
+    validate_budget(t)
     tr = cfg.train
     if tr.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, got {tr.learning_rate}")
@@ -322,6 +328,26 @@ def validate_run(cfg: RunConfig) -> RunConfig:
         if value is not None and not str(value).strip():
             raise ConfigError(f"tracking.{name} must be a non-empty name or null, got {value!r}")
     return cfg
+
+
+def validate_budget(t: ThinkConfig, where: str = "think.") -> None:
+    """Budget mode's own fields (`where`: "think." in configs, "--" for `tpt think`'s flags);
+    the checks that need the questions or Prune's strategy are `stages.budget.check`."""
+    n, n_max, tokens, longest = (field_name(where, f) for f in
+                                 ("n", "n_max", "budget_tokens", "max_new_tokens"))
+    if (t.n_max is None) != (t.budget_tokens is None):
+        raise ConfigError(f"{n_max} and {tokens} go together (budget mode): set both or "
+                          f"neither, got {t.n_max} and {t.budget_tokens}")
+    if t.n_max is not None and t.n_max < t.n:
+        raise ConfigError(f"{n_max} must be >= {n} ({t.n}), got {t.n_max}")
+    if t.budget_tokens is not None and t.budget_tokens < t.n * t.max_new_tokens:
+        raise ConfigError(f"{tokens} must cover {n} samples of a question at {longest} "
+                          f"({t.n * t.max_new_tokens}), got {t.budget_tokens}")
+
+
+def field_name(where: str, field: str) -> str:
+    """A field as the user wrote it: think.n_max in a config, --n-max on the command line."""
+    return f"--{field.replace('_', '-')}" if where == "--" else where + field
 
 
 def validate_prune(p: PruneConfig, where: str = "prune") -> PruneConfig:

@@ -8,7 +8,8 @@ import jax
 
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
-from tpt_jax.config import ConfigError, ThinkConfig, TptError
+from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError, validate_budget
+from tpt_jax.stages import budget
 from tpt_jax.stages.think import sampling_config, think
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ def add_cli(parser) -> None:
     parser.add_argument("--template", default="zero-shot", help="prompt template (prompts.py)")
     parser.add_argument("--source", help="model name stored in each record (default: checkpoint)")
     parser.add_argument("--n", type=int, default=d.n, help="samples per question")
+    parser.add_argument("--n-max", type=int, help="budget mode (with --budget-tokens): samples "
+                        "a question may get while it has no correct one (first-correct)")
+    parser.add_argument("--budget-tokens", type=int, help="budget mode: tokens all questions' "
+                        "samples may decode; needs each question's `answer`")
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
@@ -78,11 +83,13 @@ def _cli(args) -> int:
     cfg = ThinkConfig(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                       batch_size=args.batch_size, stop=list(args.stop),
-                      shard_size=args.shard_size, seed=args.seed, long_prompts=args.long_prompts)
+                      shard_size=args.shard_size, seed=args.seed, long_prompts=args.long_prompts,
+                      n_max=args.n_max, budget_tokens=args.budget_tokens)
     for name in ("n", "max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     sampling_config(cfg)
+    validate_budget(cfg, "--")
     P.parse_template(args.template)
     skips = tio.Skips()
     questions = []
@@ -98,6 +105,8 @@ def _cli(args) -> int:
         questions = questions[:args.limit]
     if not questions:
         raise TptError(f"{args.dataset}: no questions")
+    prune = PruneConfig() if cfg.budget_tokens is not None else None  # first-correct's verifier
+    budget.check(cfg, prune, len(questions), "--")
     mesh = make_mesh(parse_mesh(args.mesh))
     tokenizer = load_tokenizer(args.tokenizer)
     model, params = _load_model(args, mesh)
@@ -105,7 +114,8 @@ def _cli(args) -> int:
     source = args.source or (args.checkpoint.rstrip("/").split("/")[-1] if args.checkpoint
                              else args.model)
     recs = think(params, model, tokenizer, questions, cfg, args.out, mesh,
-                 template=args.template, source=source, progress=not args.no_progress)
+                 template=args.template, source=source, progress=not args.no_progress,
+                 prune=prune)
     stopped = sum(r["finish"] == "stop" for r in recs)
     print(f"think: {len(recs)} samples for {len(questions)} questions in {args.out} "
           f"({stopped} stopped, {len(recs) - stopped} hit max_new_tokens)")

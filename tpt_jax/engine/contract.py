@@ -16,12 +16,14 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One prompt of a generate call: its ids (already cut to `bucket`), the prompt bucket it
-    is compiled for, the hash of its question id (its randomness) and its token limit."""
+    is compiled for, the hash of its question id (its randomness), its token limit and the
+    index of its first sample (a later call continues a question's samples from there)."""
 
     tokens: tuple
     bucket: int
     id_hash: int
     limit: int
+    first_sample: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

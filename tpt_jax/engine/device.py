@@ -251,7 +251,7 @@ class Device:
         for s in starts:
             p = prompts[s.request.prompt]
             entry[s.slot], hashes[s.slot], samples[s.slot], limits[s.slot] = (
-                s.entry, p.id_hash, s.request.sample, p.limit)
+                s.entry, p.id_hash, p.first_sample + s.request.sample, p.limit)
         row = lambda x: self.put(x, ("act_batch",))
         if self.table is not None:
             return self._insert_paged(starts, prompts, row(entry),

@@ -185,14 +185,14 @@ class Sampler:
                           record)
 
     def _prompts(self, prompts: Sequence[Sequence[int]], ids: Sequence[str],
-                 limits: Sequence[int]) -> list[Prompt]:
+                 limits: Sequence[int], firsts: Sequence[int]) -> list[Prompt]:
         out = []
         for i, p in enumerate(prompts):
             b = bucket_for(len(p), self.buckets)
             if len(p) > self.buckets[-1]:
                 log.warning("prompt %s has %d tokens; keeping the last %d", ids[i], len(p), b)
             out.append(Prompt(tuple(p)[-b:] if len(p) else (), b, stable_hash(ids[i]),
-                              limits[i]))
+                              limits[i], firsts[i]))
         return out
 
     # -- public
@@ -203,8 +203,8 @@ class Sampler:
                  max_new_tokens: Optional[Sequence[int]] = None, static: bool = False,
                  longest_first: bool = True,
                  stop_tokens: Optional[Sequence[Sequence[int]]] = None,
-                 samples_needed: Optional[Callable[[int, int, Generation], Optional[int]]] = None
-                 ) -> list[list[Generation]]:
+                 samples_needed: Optional[Callable[[int, int, Generation], Optional[int]]] = None,
+                 first_sample: Optional[Sequence[int]] = None) -> list[list[Generation]]:
         """n samples for each prompt (token ids, BOS included if wanted) -> [prompt][sample].
 
         `ids` (default: the prompt's index) and `seed` decide each sample's randomness, so the
@@ -215,7 +215,9 @@ class Sampler:
         cancelled).
         `return_logits` (tests) also returns each step's logits. `static` runs static batches
         (the reference). `longest_first=False` starts requests in the given order even when
-        their limits differ.
+        their limits differ. `first_sample` (one per prompt, default 0) numbers a prompt's
+        samples from there: result [i][j] is sample first_sample[i] + j, the very sample a call
+        from 0 draws at that index, so a later call continues a question's samples.
 
         Early stop: `samples_needed(prompt, sample, generation)`, called as each sample
         finishes, may return m, the samples its prompt needs (every sample below m has
@@ -235,7 +237,10 @@ class Sampler:
             raise ValueError("max_new_tokens and prompts differ in length")
         if any(not 1 <= x <= cap for x in limits):
             raise ConfigError(f"per-prompt max_new_tokens must be in 1..{cap}")
-        work = self._prompts(prompts, ids, limits)
+        firsts = [0] * len(prompts) if first_sample is None else [int(x) for x in first_sample]
+        if len(firsts) != len(prompts) or any(x < 0 for x in firsts):
+            raise ValueError("first_sample needs one index >= 0 per prompt")
+        work = self._prompts(prompts, ids, limits, firsts)
         self.stats = Stats(slots=self.rows, static=static)
         results: list[list[Optional[Generation]]] = [[None] * n for _ in prompts]
         limit, cuts = [n] * len(prompts), []  # samples each prompt needs; cancellations due

@@ -53,7 +53,7 @@ def launch(device: Device, batch: list, prompts: Sequence[Prompt], per_batch: in
     hashes, samples, limits = (np.zeros(per_batch * g, np.int32) for _ in range(3))
     for p, (i, first, count) in enumerate(batch):
         hashes[p * g:(p + 1) * g] = prompts[i].id_hash
-        samples[p * g:(p + 1) * g] = first + np.arange(g)
+        samples[p * g:(p + 1) * g] = prompts[i].first_sample + first + np.arange(g)
         limits[p * g:p * g + count] = prompts[i].limit
     return device.generate(tokens, positions, hashes, samples, limits, prog, seed)
 

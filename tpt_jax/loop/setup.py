@@ -22,6 +22,7 @@ from tpt_jax.gemma.tokenizer import check_vocab
 from tpt_jax.loop import report
 from tpt_jax.methods.multimodel import check_source_checkpoints
 from tpt_jax import prompts
+from tpt_jax.stages import budget
 from tpt_jax.stages.think import Samplers, check_cache
 from tpt_jax.stages.train_step import check_batch
 
@@ -55,6 +56,9 @@ def setup(cfg: RunConfig, progress: bool = True) -> Setup:
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(tokenizer, model_cfg.vocab_size)
     train_q = load_split(cfg.data, "train")
+    for r in range(1, cfg.rounds + 1):  # budget mode's settings, before round 0 trains
+        rc = round_config(cfg, r)
+        budget.check(rc.think, rc.prune, len(train_q))
     eval_q = load_split(cfg.data, cfg.eval.split)
     if cfg.eval.limit:
         eval_q = eval_q[: cfg.eval.limit]

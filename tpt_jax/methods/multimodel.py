@@ -102,8 +102,10 @@ def source_think_config(rc, n: int, r: int):
     """Round r's Think settings for another model: n samples per question, and a seed that
     changes with the round. A source's weights are fixed for the whole run, and a sample's
     randomness is (seed, question id, sample index), so with think.seed every round it would
-    draw the very same samples again; round 1 uses think.seed, round r think.seed + 1000 (r-1)."""
-    return dataclasses.replace(rc.think, n=n, seed=rc.think.seed + 1000 * (r - 1))
+    draw the very same samples again; round 1 uses think.seed, round r think.seed + 1000 (r-1).
+    Budget mode is the trained model's own: a source draws its n."""
+    return dataclasses.replace(rc.think, n=n, seed=rc.think.seed + 1000 * (r - 1), n_max=None,
+                               budget_tokens=None)
 
 
 def think_sources(rc, s, questions: Sequence[dict], samples_root: str, r: int) -> dict:

@@ -370,26 +370,33 @@ def _stats(questions, sources, per_src, dropped, skips, cfg, plan, n_records, n_
 
 def note_early_stop(stats: dict, samples: Iterable[dict], asked: dict) -> None:
     """Early stop leaves coverage exact (a question stops only once it has a kept, so correct,
-    sample) but biases what is estimated from all n samples. Where any question of a source
-    has fewer than `asked[source]` samples, its (and the pooled) pass@k, maj@k, diversity@k
-    and accuracy become None; stats["early_stop"] counts the questions stopped and the
-    samples not drawn."""
+    sample) but biases what is estimated from all n samples, and so does budget mode, which
+    draws more for the unsettled questions. Where any question of a source has other than
+    `asked[source]` samples, its (and the pooled) pass@k, maj@k, diversity@k and accuracy
+    become None; stats["early_stop"] counts the questions stopped and the samples not drawn,
+    stats["budget"] (budget mode) the questions given more and the samples added."""
     drawn = Counter((r.get("source"), r.get("id")) for r in samples)
-    stopped, undrawn = Counter(), 0
+    stopped, extended, undrawn, added = Counter(), Counter(), 0, 0
     for (src, _), m in drawn.items():
         if m < asked.get(src, 0):
             stopped[src] += 1
             undrawn += asked[src] - m
-    withheld = ([stats["metrics"]] if stopped else []) + [
-        stats["by_source"][src]["metrics"] for src in stopped if src in stats["by_source"]]
+        elif src in asked and m > asked[src]:
+            extended[src] += 1
+            added += m - asked[src]
+    uneven = stopped + extended
+    withheld = ([stats["metrics"]] if uneven else []) + [
+        stats["by_source"][src]["metrics"] for src in uneven if src in stats["by_source"]]
     for m in withheld:
         for key in ("pass@k", "maj@k", "diversity@k"):
             m[key] = {k: None for k in m[key]}
         m["coverage@k"], m["accuracy"] = m["pass@k"], None
     stats["early_stop"] = {
         "questions_stopped": sum(stopped.values()), "samples_not_drawn": undrawn,
-        "estimates": ("withheld: pass@k, maj@k, diversity@k and accuracy need all n samples "
-                      "of every question; coverage is exact") if stopped else "complete"}
+        "estimates": ("withheld: pass@k, maj@k, diversity@k and accuracy need the same n "
+                      "samples of every question; coverage is exact") if uneven else "complete"}
+    if extended:
+        stats["budget"] = {"questions_extended": sum(extended.values()), "samples_added": added}
 
 
 def prune_records(dataset: Iterable[dict], samples: Iterable[dict], cfg: PruneConfig,

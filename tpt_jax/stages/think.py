@@ -22,7 +22,7 @@ import numpy as np
 from tpt_jax import faults
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
-from tpt_jax.stages import answers
+from tpt_jax.stages import answers, budget
 from tpt_jax.stages import prune as PR
 from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
@@ -131,19 +131,21 @@ def fit_prompts(encoded: Sequence[list[int]], max_prompt_tokens: int, policy: st
 def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequence[str],
              sampling: SamplingConfig, n: int, seed: int, stops: Sequence[str],
              progress=None, encoded: Optional[Sequence[list[int]]] = None,
-             needed=None) -> list[list[dict]]:
+             needed=None, first_sample: Optional[Sequence[int]] = None) -> list[list[dict]]:
     """Sample n completions per prompt text -> [prompt][sample] dicts with completion (text cut
     at the first stop string), finish ("stop" | "length") and tokens (tokens drawn).
     `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts.
     `needed(prompt, sample, record)` (e.g. `prune.StopRule.needed`) may end a prompt's
-    sampling early (`Sampler.generate`'s samples_needed): it then gets fewer records."""
+    sampling early (`Sampler.generate`'s samples_needed): it then gets fewer records.
+    `first_sample` (one per prompt) continues each prompt's samples from that index."""
     if encoded is None:
         encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
     stop_tokens = [t for t in (tokenizer.encode(s) for s in stops) if t]
     until = None if needed is None else (
         lambda i, j, g: needed(i, j, sample_record(g, tokenizer, stops)))
     gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress,
-                            stop_tokens=stop_tokens, samples_needed=until)
+                            stop_tokens=stop_tokens, samples_needed=until,
+                            first_sample=first_sample)
     return [[sample_record(g, tokenizer, stops) for g in per_prompt] for per_prompt in gens]
 
 
@@ -161,10 +163,10 @@ def sample_record(g, tokenizer, stops: Sequence[str]) -> dict:
 def _manifest(cfg: ThinkConfig, questions: Sequence[dict], template: str, source: str,
               stops: Sequence[str], early: Optional[PruneConfig] = None) -> dict:
     """What decides the samples (batch_size does not: samples are independent of slots),
-    including the Prune settings an early stop follows (`early`)."""
+    including the Prune settings an early stop or budget mode follows (`early`)."""
     ids = hashlib.sha256("\x00".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
     keep = ("n", "temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_tokens",
-            "shard_size", "seed", "long_prompts")
+            "shard_size", "seed", "long_prompts", "n_max", "budget_tokens")
     rule = ("strategy", "max_per_question", "calculator_check", "min_chars", "max_chars",
             "max_tokens", "answer_fallback")
     return {**{k: getattr(cfg, k) for k in keep}, "stop": list(stops), "template": template,
@@ -266,7 +268,9 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     think.batch_size) keeps compiled programs and buffers across calls; it is given `params`.
     With `prune` (the round's Prune settings) and think.stop_when_selected, a question's
     samples stop once Prune's selection can no longer change (`early_stop`): it then has
-    samples 0..m-1 for some m <= n, and Prune keeps exactly what it would from all n."""
+    samples 0..m-1 for some m <= n, and Prune keeps exactly what it would from all n. With
+    think.budget_tokens, the questions Prune's rule has not settled get more samples, up to
+    think.n_max, while the round's budget lasts (`budget`)."""
     from tqdm.auto import tqdm
 
     sampling = sampling_config(cfg)
@@ -297,13 +301,16 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     shards = [[i for i in shard if encoded[i] is not None] for shard in shards]
     reused: dict[int, list[dict]] = {}
     cap = early_stop(cfg, prune)
+    settle = budget.check(cfg, prune, sum(len(s) for s in shards))  # k, in budget mode
+    most = cfg.n if settle is None else cfg.n_max  # samples a question may have
     if out_dir is not None:
         _check_manifest(out_dir, _manifest(cfg, questions, template, source, stops,
-                                           None if cap is None else prune), long_info)
+                                           None if cap is None and settle is None else prune),
+                        long_info)
         _remove_partial_shards(out_dir)
         for k, exists in enumerate(_done_shards(out_dir, len(shards))):
-            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], cfg.n,
-                               cap is not None) if exists else None
+            recs = _read_shard(out_dir, k, [questions[i]["id"] for i in shards[k]], most,
+                               cap is not None or settle is not None) if exists else None
             if recs is not None:
                 reused[k] = recs
     done = [k in reused for k in range(len(shards))]
@@ -317,6 +324,8 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     # samples as they finish; off on other processes and when stderr is not a terminal
     bar = tqdm(total=total, initial=initial, unit="sample", desc="think", dynamic_ncols=True,
                disable=True if not progress or jax.process_index() != 0 else None)
+    share = None if settle is None else budget.shares(cfg.budget_tokens,
+                                                      [len(s) for s in shards])
     records: list[dict] = []
     used = offered = skipped = 0  # tokens drawn / slot-steps run; samples cancelled
     try:
@@ -324,19 +333,17 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
             if is_done:
                 records += reused[k]
                 continue
-            rule = None if cap is None else stop_rule(prune, cap, [questions[i] for i in shard])
-            outs = complete(sampler, tokenizer, [texts[i] for i in shard],
-                            [str(questions[i]["id"]) for i in shard], sampling, cfg.n, cfg.seed,
-                            stops, progress=bar.update, encoded=[encoded[i] for i in shard],
-                            needed=None if rule is None else rule.needed) if shard else []
-            if shard:
-                used += sampler.stats.tokens
-                offered += sampler.stats.slots * sampler.stats.decode_steps
-                skipped += sampler.stats.cancelled
+            outs, calls = _sample_shard(
+                sampler, tokenizer, [questions[i] for i in shard], [texts[i] for i in shard],
+                [encoded[i] for i in shard], cfg, sampling, stops, bar, prune, cap, settle,
+                None if share is None else share[k]) if shard else ([], [])
+            used += sum(c.tokens for c in calls)
+            offered += sum(c.slots * c.decode_steps for c in calls)
+            skipped += sum(c.cancelled for c in calls)
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
-                _record_decoded(out_dir, k, sampler.stats if shard else None)
+                _record_decoded(out_dir, k, calls)
                 tio.write_jsonl_atomic(tio.path(out_dir) / shard_name(k), recs)
                 faults.point("shard-written")
             records += recs
@@ -348,20 +355,56 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                  "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
                          if isinstance(v, int)),
                  f"; decode slots busy {used / offered:.0%}" if offered else "")
-        if cap is not None:
+        if settle is not None:
+            counts = collections.Counter(r["id"] for r in records).values()
+            log.info("think: budget mode: %d samples, %d to %d a question; the shards sampled "
+                     "now decoded %d of their %d budgeted tokens", len(records),
+                     min(counts, default=0), max(counts, default=0), used,
+                     sum(share[k] for k in range(len(shards)) if not done[k]))
+        elif cap is not None:
             log.info("think: early stop (prune.strategy %s) left %d of %d samples undrawn, "
                      "%d of them cancelled after they had started", prune.strategy,
                      total - len(records), total, skipped)
     return records
 
 
-def _record_decoded(out_dir: str, k: int, stats) -> None:
-    """Note the tokens shard k's sampling drew, before the shard itself is written (a rerun
-    that samples the shard again writes it again)."""
+def _sample_shard(sampler: Sampler, tokenizer, questions: list[dict], texts: list[str],
+                  encoded: list, cfg: ThinkConfig, sampling: SamplingConfig, stops: list[str],
+                  bar, prune: Optional[PruneConfig], cap: Optional[int], settle: Optional[int],
+                  share: Optional[int]) -> tuple[list[list[dict]], list]:
+    """One shard's samples -> (records per question, the Stats of each generate call): n per
+    question (fewer where early stop, `cap`, settles a question), then in budget mode
+    (`settle`, the shard's `share` of the budget) the waves of `budget.Waves`."""
+    ids = [str(q["id"]) for q in questions]
+    rule = None if cap is None and settle is None else stop_rule(prune, cap or settle, questions)
+    outs = complete(sampler, tokenizer, texts, ids, sampling, cfg.n, cfg.seed, stops,
+                    progress=bar.update, encoded=encoded,
+                    needed=None if cap is None else rule.needed)
+    calls = [sampler.stats]
+    if settle is None:
+        return outs, calls
+    waves = budget.Waves(rule, cfg.n_max, share, cfg.max_new_tokens)
+    waves.add(range(len(questions)), outs, sampler.stats.tokens)
+    wave = waves.next()
+    while wave:
+        bar.total += len(wave)
+        more = complete(sampler, tokenizer, [texts[q] for q in wave], [ids[q] for q in wave],
+                        sampling, 1, cfg.seed, stops, progress=bar.update,
+                        encoded=[encoded[q] for q in wave],
+                        first_sample=[len(waves.drawn[q]) for q in wave])
+        calls.append(sampler.stats)
+        waves.add(wave, more, sampler.stats.tokens)
+        wave = waves.next()
+    return waves.drawn, calls
+
+
+def _record_decoded(out_dir: str, k: int, calls: list) -> None:
+    """Note the tokens shard k's sampling drew (`calls`: the Stats of its generate calls),
+    before the shard itself is written (a rerun that samples the shard again writes it
+    again)."""
     drawn = _read_decoded(tio.path(out_dir))
-    drawn[shard_name(k)] = {"tokens": stats.tokens if stats else 0,
-                            "cancelled": stats.cancelled if stats else 0,
-                            "cancelled_tokens": stats.cancelled_tokens if stats else 0}
+    drawn[shard_name(k)] = {key: sum(getattr(c, key) for c in calls)
+                            for key in ("tokens", "cancelled", "cancelled_tokens")}
     tio.write_json_atomic(tio.path(out_dir) / DECODED, drawn)
 
 
@@ -382,7 +425,8 @@ def _read_decoded(root) -> dict:
 def _read_shard(out_dir: str, k: int, ids: list, n: int,
                 prefix: bool = False) -> Optional[list[dict]]:
     """A finished shard's records, or None when it is damaged (cut, garbage, empty, or not
-    exactly samples 0..n-1 of each of its questions; 0..m-1, 1 <= m <= n, with early stop):
+    exactly samples 0..n-1 of each of its questions; 0..m-1, 1 <= m <= n, with early stop or
+    budget mode, whose n is think.n_max):
     it is then sampled again, to the same records."""
     where = tio.path(out_dir) / shard_name(k)
     try:
