@@ -1,6 +1,7 @@
 """Llama 3.x and Qwen2 on the shared definition, against transformers: logits and greedy
 continuations of tiny random checkpoints (GQA 4/2 and 6/2, llama3 RoPE scaling, tied and untied
 output, q/k/v biases) sharded on 8 CPU devices, `tpt convert` round trips, preset sizes."""
+import copy
 import dataclasses
 import json
 import shutil
@@ -45,6 +46,7 @@ def make_checkpoint(path, cls, seed=0, **kw):
     too (their defaults are ones and zeros), so every weight matters in a parity check."""
     import transformers
     torch.manual_seed(seed)
+    kw = copy.deepcopy(kw)  # transformers writes rope_theta into the rope_scaling dict it gets
     config = getattr(transformers, f"{cls}Config")(vocab_size=256, **kw)
     model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
     with torch.no_grad():
@@ -107,6 +109,7 @@ def test_rope_frequencies_are_hfs(family):
     cfg = weights.read_hf_config(path)
     ours = np.asarray(M.rope_frequencies(cfg.head_dim, cfg))
     np.testing.assert_allclose(ours, hf_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    assert cfg.rope_theta == FAMILIES[name][1]["rope_theta"]
     plain = np.asarray(M.rope_frequencies(cfg.head_dim, dataclasses.replace(
         cfg, rope_scaling_factor=None)))
     assert (name == "qwen2") == np.array_equal(ours, plain)
