@@ -4,7 +4,7 @@
     python docs/budget.py [--runs runs] [--suffixes "" s1] [--png docs/budget.png]
 
 reads RUNS/uniform and RUNS/budget, then RUNS/uniform-S and RUNS/budget-S for each further
-suffix S (another seed): metrics.json (greedy Pass@1, pass@k, coverage, Think
+suffix S (s1: the second seed; calc: both arms with prune.calculator_check): metrics.json (greedy Pass@1, pass@k, coverage, Think
 tokens and wall time per round) and each round's samples (samples per question, and the
 index of each question's first correct sample, verified as Prune does), prints the markdown
 tables and writes the figure (coverage, greedy Pass@1, samples per question).
@@ -93,7 +93,7 @@ def plot(seeds, out):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
-    for (seed, runs, _), style in zip(seeds, ("-", "--")):
+    for (seed, runs, _), style in zip(seeds, ("-", "--", ":")):
         for arm, label, color in ARMS:
             metrics = runs[arm][1]
             rounds = [m["round"] for m in metrics]
@@ -137,8 +137,9 @@ def main():
         runs = {arm: (os.path.join(args.runs, arm + s), load(os.path.join(args.runs, arm + s)))
                 for arm, _, _ in ARMS}
         answers = answers or golds(runs["uniform"][0])
-        print(f"\nseed {i} ({args.runs}/uniform{s}, {args.runs}/budget{s})\n")
-        seeds.append((f"seed {i}", runs, table(runs, answers)))
+        label = f"seed {i}" if suffix in ("", f"s{i}") else suffix
+        print(f"\n{label} ({args.runs}/uniform{s}, {args.runs}/budget{s})\n")
+        seeds.append((label, runs, table(runs, answers)))
     plot(seeds, args.png)
 
 
