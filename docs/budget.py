@@ -114,9 +114,11 @@ def plot(seeds, out):
     axes[2].set_yscale("log")
     axes[2].set_title(f"budget mode, {seeds[0][0]}: questions by samples drawn", fontsize=9)
     axes[2].set_xlabel("samples of the question", fontsize=8)
+    rounds = len(seeds[0][1]["uniform"][1])
+    axes[0].set_xticks(range(1, rounds))
+    axes[1].set_xticks(range(rounds))
     for ax in axes[:2]:
         ax.set_xlabel("round", fontsize=8)
-        ax.set_xticks(range(len(seeds[0][1]["uniform"][1])))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
