@@ -6,8 +6,8 @@
 reads RUNS/uniform and RUNS/budget, then RUNS/uniform-S and RUNS/budget-S for each further
 suffix S (s1: the second seed; calc: both arms with prune.calculator_check): metrics.json (greedy Pass@1, pass@k, coverage, Think
 tokens and wall time per round) and each round's samples (samples per question, and the
-index of each question's first correct sample, verified as Prune does), prints the markdown
-tables and writes the figure (coverage, greedy Pass@1, samples per question).
+index of each question's first correct sample, verified as Prune does; each kept example's
+calculator check), prints the markdown tables and writes the figure (coverage, greedy Pass@1, samples per question).
 """
 import argparse
 import collections
@@ -51,6 +51,21 @@ def kept_false_positive(run, r):
     with open(os.path.join(run, f"r{r:02d}", "train.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return sum(not calculator_ok(x["completion"]) for x in rows) / max(1, len(rows))
+
+
+def wrong_steps_by_index(label, runs):
+    """Share of kept examples with a wrong step, by the index of the kept sample."""
+    from tpt_jax.stages.answers import calculator_ok
+    for r in range(1, len(runs["uniform"][1])):
+        for arm, name, _ in ARMS:
+            with open(os.path.join(runs[arm][0], f"r{r:02d}", "train.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            cells = []
+            for lo, hi in ((0, 1), (1, 4), (4, None)):
+                sel = [x for x in rows if lo <= x["sample"] and (hi is None or x["sample"] < hi)]
+                wrong = sum(not calculator_ok(x["completion"]) for x in sel)
+                cells.append(f"{pct(wrong / len(sel))} ({len(sel)})" if sel else "-")
+            print(f"| {label} | {r} | {name.split()[0]} | {' | '.join(cells)} |")
 
 
 def golds(run):
@@ -142,6 +157,11 @@ def main():
         label = f"seed {i}" if suffix in ("", f"s{i}") else suffix
         print(f"\n{label} ({args.runs}/uniform{s}, {args.runs}/budget{s})\n")
         seeds.append((label, runs, table(runs, answers)))
+    print("\nkept examples with a wrong step (%), by the index of the kept sample (how many)\n")
+    print("| seed | round | arm | index 0 | 1-3 | >= 4 |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for label, runs, _ in seeds:
+        wrong_steps_by_index(label, runs)
     plot(seeds, args.png)
 
 
