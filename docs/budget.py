@@ -4,10 +4,10 @@
     python docs/budget.py [--runs runs] [--suffixes "" s1] [--png docs/budget.png]
 
 reads RUNS/uniform and RUNS/budget, then RUNS/uniform-S and RUNS/budget-S for each further
-suffix S (another seed): metrics.json (greedy Pass@1, pass@k, coverage, Think
+suffix S (s1: the second seed; calc: both arms with prune.calculator_check): metrics.json (greedy Pass@1, pass@k, coverage, Think
 tokens and wall time per round) and each round's samples (samples per question, and the
-index of each question's first correct sample, verified as Prune does), prints the markdown
-tables and writes the figure (coverage, greedy Pass@1, samples per question).
+index of each question's first correct sample, verified as Prune does; each kept example's
+calculator check), prints the markdown tables and writes the figure (coverage, greedy Pass@1, samples per question).
 """
 import argparse
 import collections
@@ -53,6 +53,21 @@ def kept_false_positive(run, r):
     return sum(not calculator_ok(x["completion"]) for x in rows) / max(1, len(rows))
 
 
+def wrong_steps_by_index(label, runs):
+    """Share of kept examples with a wrong step, by the index of the kept sample."""
+    from tpt_jax.stages.answers import calculator_ok
+    for r in range(1, len(runs["uniform"][1])):
+        for arm, name, _ in ARMS:
+            with open(os.path.join(runs[arm][0], f"r{r:02d}", "train.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            cells = []
+            for lo, hi in ((0, 1), (1, 4), (4, None)):
+                sel = [x for x in rows if lo <= x["sample"] and (hi is None or x["sample"] < hi)]
+                wrong = sum(not calculator_ok(x["completion"]) for x in sel)
+                cells.append(f"{pct(wrong / len(sel))} ({len(sel)})" if sel else "-")
+            print(f"| {label} | {r} | {name.split()[0]} | {' | '.join(cells)} |")
+
+
 def golds(run):
     """Gold answers of the run's training questions (rebuilt from its config)."""
     from tpt_jax.config import from_dict, RunConfig
@@ -93,7 +108,7 @@ def plot(seeds, out):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
-    for (seed, runs, _), style in zip(seeds, ("-", "--")):
+    for (seed, runs, _), style in zip(seeds, ("-", "--", ":")):
         for arm, label, color in ARMS:
             metrics = runs[arm][1]
             rounds = [m["round"] for m in metrics]
@@ -114,9 +129,11 @@ def plot(seeds, out):
     axes[2].set_yscale("log")
     axes[2].set_title(f"budget mode, {seeds[0][0]}: questions by samples drawn", fontsize=9)
     axes[2].set_xlabel("samples of the question", fontsize=8)
+    rounds = len(seeds[0][1]["uniform"][1])
+    axes[0].set_xticks(range(1, rounds))
+    axes[1].set_xticks(range(rounds))
     for ax in axes[:2]:
         ax.set_xlabel("round", fontsize=8)
-        ax.set_xticks(range(len(seeds[0][1]["uniform"][1])))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -137,8 +154,14 @@ def main():
         runs = {arm: (os.path.join(args.runs, arm + s), load(os.path.join(args.runs, arm + s)))
                 for arm, _, _ in ARMS}
         answers = answers or golds(runs["uniform"][0])
-        print(f"\nseed {i} ({args.runs}/uniform{s}, {args.runs}/budget{s})\n")
-        seeds.append((f"seed {i}", runs, table(runs, answers)))
+        label = f"seed {i}" if suffix in ("", f"s{i}") else suffix
+        print(f"\n{label} ({args.runs}/uniform{s}, {args.runs}/budget{s})\n")
+        seeds.append((label, runs, table(runs, answers)))
+    print("\nkept examples with a wrong step (%), by the index of the kept sample (how many)\n")
+    print("| seed | round | arm | index 0 | 1-3 | >= 4 |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for label, runs, _ in seeds:
+        wrong_steps_by_index(label, runs)
     plot(seeds, args.png)
 
 
