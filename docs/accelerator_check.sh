@@ -12,5 +12,10 @@ bench() {
 }
 python -c "import jax; print(jax.__version__, jax.devices())"
 bench --batch 64 --new 256 --repeats 3
-bench --batch 64 --lengths "$lengths"
-bench --batch 64 --lengths "$lengths" --longest-first
+for attention in dense paged; do
+  bench --batch 64 --lengths "$lengths" --attention $attention
+  bench --batch 64 --lengths "$lengths" --longest-first --attention $attention
+done
+if [ "$(python -c 'import jax; print(jax.default_backend())')" = gpu ]; then
+  bench --batch 64 --lengths "$lengths" --attention pallas || echo "== pallas: failed (above)"
+fi

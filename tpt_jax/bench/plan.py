@@ -244,8 +244,9 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
 def kv_rows_per_gb(model, bucket: int, max_new: int) -> dict:
     """Rows whose KV cache fits in 1e9 bytes (all devices together): the dense cache reserves
     cache_length(bucket + max_new) columns a slot (keys, values, positions); the paged cache
-    commits whole pages for bucket + max_new - 1 columns a row (the last token is never fed
-    back), the prompt's pages included (they are not shared between a prompt's samples)."""
+    commits whole pages for prompt + max_new - 1 columns a row (the last token is never fed
+    back) at the longest prompt (the bucket), the prompt's pages included (they are not
+    shared between a prompt's samples)."""
     from tpt_jax.engine import cache as C
     from tpt_jax.engine.paged import pool_bytes
     from tpt_jax.engine.sampler import PAGE_SIZE

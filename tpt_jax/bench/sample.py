@@ -59,9 +59,11 @@ def add_bench_cli(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "dense", "paged"],
+    parser.add_argument("--attention", default="auto",
+                        choices=["auto", "dense", "paged", "pallas"],
                         help="decode cache: dense slots, or pages rows take as they grow "
-                             "(auto: dense on CPU, paged on accelerators)")
+                             "(pallas: read by the Pallas GPU kernel; auto: dense on CPU, "
+                             "paged on accelerators)")
     parser.add_argument("--kv-cache-gb", type=float, default=None,
                         help="paged: the page pool's size (default: every slot at its longest)")
     parser.set_defaults(func=_bench)

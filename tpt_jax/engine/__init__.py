@@ -9,7 +9,8 @@ set of decode slots. Stage code uses the front door only:
                                                            # generation) -> samples it needs
 
 Inside, lowest first: `sampling` (settings, per-row keys), `cache` (KV cache layouts and
-shardings), `layout` (weights in the sampling layout, the forward over it), `programs` (the
+shardings), `pages` (the paged cache's host page table), `paged` (its page pool and
+attention), `layout` (weights in the sampling layout, the forward over it), `programs` (the
 compiled prefill / insert / chunk / static programs), `contract` (what host and device
 exchange), `device` (weights, buffers, programs of one model), `scheduler` (the host side of
 continuous batching), `static` (the reference path), `sampler` (the front door).

@@ -7,8 +7,8 @@ slot's pages through its page table (`pages.PageTable` decides which pages a slo
 - `PagedCache`: the pools plus, for one decode step, each slot's page table cut to the pages a
   chunk can reach, the column offset between the dense layout and the pages, and whether each
   row is live. Its layers (`PagedView`) write the step's keys into the row's page and attend
-  over the row's pages: the plain path gathers them and runs the dense path's own
-  `attention.cached_attention` (cost follows the chunk's page count, the longest live row
+  over the row's pages: the plain path gathers them and scores them as the dense path's
+  `attention.cached_attention` does, kv heads leading (cost follows the chunk's page count, the longest live row
   rounded up to a page bucket, not the reserved length); `kernel="pallas"` runs JAX's Pallas
   GPU `paged_attention` (per-row lengths, Gemma2's soft-cap) on layers where the sliding
   window cannot bite (global layers, or every layer while the page table is within the
@@ -96,9 +96,25 @@ class PagedView:
             out = kernel_attention(q, k_pool, v_pool, self.table, self.column + 1, cfg,
                                    self.kernel == "interpret")
             return constrain(out, A.HEADS_AXES), view
-        out = A.cached_attention(q, self._gather(k_pool, q.dtype), self._gather(v_pool, q.dtype),
-                                 self.key_pos, positions, sliding, cfg)
-        return out, view
+        return self._plain(q, k_pool, v_pool, positions, sliding, cfg), view
+
+    def _plain(self, q: Array, k_pool: Array, v_pool: Array, positions: Array, sliding: bool,
+               cfg: ModelConfig) -> Array:
+        """`attention.cached_attention` over the rows' gathered pages, kv heads leading: the
+        gather gives [K, B, P, page, H], and moving K behind B would copy it again (on CPU
+        that copy cost more than the attention), so the small queries move instead."""
+        B, T, N, H = q.shape
+        K, G = k_pool.shape[0], N // k_pool.shape[0]
+        k, v = self._gather(k_pool, q.dtype), self._gather(v_pool, q.dtype)
+        qg = q.reshape(B, T, K, G, H).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, H)
+        logits = A.cached_logits(qg, k)  # [K, B, T * G, S]
+        mask = A.key_mask(positions, self.key_pos, sliding, cfg)
+        mask = jnp.repeat(mask, G, axis=1) if G > 1 else mask  # query t*G + g
+        logits = jnp.where(mask[None], A.softcap(logits, cfg.attn_logit_softcap),
+                           jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+        out = jnp.einsum("KBQS,KBSH->KBQH", probs, v).reshape(K, B, T, G, H)
+        return constrain(out.transpose(1, 2, 0, 3, 4).reshape(B, T, N, H), A.HEADS_AXES)
 
     def _write(self, pool: Array, new: Array) -> Array:
         """new [B, 1, K, H] into each live row's page at `column`."""
@@ -109,12 +125,12 @@ class PagedView:
         return pool.at[:, at, self.column % page].set(new, mode="drop")
 
     def _gather(self, pool: Array, dtype: Any) -> Array:
-        """The rows' pages [B, K, P * page, H] (entries past a row's pages read some page,
+        """The rows' pages [K, B, P * page, H] (entries past a row's pages read some page,
         masked by key_pos)."""
         B, P = self.table.shape
         K, _, page, H = pool.shape
-        pages = jnp.take(pool, self.table, axis=1, mode="clip")  # [K, B, P, page, H]
-        return jnp.swapaxes(pages, 0, 1).reshape(B, K, P * page, H).astype(dtype)
+        return jnp.take(pool, self.table, axis=1, mode="clip").reshape(K, B, P * page, H
+                                                                       ).astype(dtype)
 
 
 @flax.struct.dataclass

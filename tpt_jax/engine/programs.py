@@ -7,7 +7,8 @@ Continuous batching keeps a fixed set of decode slots:
   prompt store (a prompt's n samples all start from its one entry);
 - `insert`: free slots take (prompt entry, sample): the entry's keys are copied into the slot's
   row of the decode cache (columns [0, bucket), the layout of the static path), the rest of the
-  row is marked empty, and the first token is drawn from the stored logits;
+  row is marked empty, and the first token is drawn from the stored logits (`insert_paged`:
+  the prompt's keys go to the row's pages of a paged pool instead);
 - `chunk`: a `lax.while_loop` of decode steps over every slot, each at its own position and
   cache column (per-row writes, per-row masks, sliding windows included), that exits once
   `min_exit` slots have finished (so the host can refill them), when all are done, or after
