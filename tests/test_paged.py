@@ -208,3 +208,17 @@ def test_pallas_kernel_interpreted(tiny, work, dense, monkeypatch):
         for a, b in zip(r, w):
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
     assert calls and all(calls)  # traced, interpreted
+
+
+@pytest.mark.parametrize("preset", ["test-llama-tiny", "test-qwen-tiny"])
+def test_paged_equals_dense_for_other_families(work, preset):
+    """Llama (untied head, no window: every layer global) and Qwen2 (q/k/v biases) read the
+    same tokens out of pages as out of the dense cache."""
+    model = M.make_model(model_preset(preset))
+    params = M.init_params(model, jax.random.key(5))
+    fam = (model, jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params))
+    prompts, ids, limits = work
+    prompts = [[t % model.cfg.vocab_size for t in p] for p in prompts]
+    got = {a: run(sampler(fam, a), (prompts, ids, limits), SAMPLED) for a in ("dense", "paged")}
+    assert tokens(got["paged"]) == tokens(got["dense"])
+    assert len({g.num_tokens for r in got["dense"] for g in r}) > 3
