@@ -35,6 +35,27 @@ def test_ragged_workload_both_paths(tmp_path, capsys):
     assert cont["weights_mib"] > 0 and "roofline_share" not in cont  # CPU: no HBM figure
 
 
+def test_paged_pool_holds_more_rows_per_gb(tmp_path, capsys):
+    """--n samples of each length's prompt through a pool of 6 pages (96 columns, where the
+    dense cache reserves 64 for each of 6 slots): the same useful tokens, more rows decoding
+    per GB of cache, pages within the pool, preempted rows' thrown-away tokens reported."""
+    import jax.numpy as jnp
+    from tpt_jax.engine.paged import pool_bytes
+    from tpt_jax.gemma.config import model_preset
+    lengths = [3, 17, 5, 40, 2, 9, 11, 6, 25, 4]
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps(lengths))
+    common = ("--batch", "6", "--n", "2", "--lengths", str(path))
+    dense = bench(capsys, *common, "--attention", "dense")
+    gb = pool_bytes(model_preset("test-tiny"), 6.5, 16, jnp.float32) / 1e9
+    paged = bench(capsys, *common, "--attention", "paged", "--kv-cache-gb", str(gb))
+    for r in (dense, paged):
+        assert r["useful_tokens"] == 2 * sum(lengths) and (r["prompts"], r["rows"]) == (10, 20)
+    assert paged["pool_pages"] == 6 and 0 < paged["peak_pages"] <= 6
+    assert paged["rows_per_gb"] > 1.3 * dense["rows_per_gb"]  # pages of 16: coarse for rows this short
+    assert paged["preempted_tokens"] >= paged["preempted"] >= 0
+
+
 def test_uniform_workload(capsys):
     r = bench(capsys, "--batch", "2", "--n", "2", "--new", "6", "--repeats", "1")
     assert r["workload"] == "uniform" and r["generated_tokens"] == 2 * 2 * 6

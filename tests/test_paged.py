@@ -1,9 +1,11 @@
 """The paged KV cache (attention='paged'): the dense cache is the reference. Tokens, finish
 reasons and counts are identical on ragged work (per-prompt limits, EOS and stop sequences at
-different steps), through a pool too small for every slot (rows wait), on 8 devices, with
+different steps), through a pool too small for every slot (rows wait, or are preempted and
+start again), with a prompt's pages shared by its samples, on 8 devices, with
 early stop and new weights; a corrupted page table is caught; bad settings are one-line
 errors."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -81,42 +83,82 @@ def test_paged_equals_dense(tiny, work, dense, name):
     assert s.device.kv_bytes() > 0 and s.device.table is None  # the pool is held, pages freed
 
 
-def test_tight_pool_rows_wait(tiny, work, dense):
-    """A pool of 30 pages (two rows at their longest, not five slots): rows wait for pages,
-    the pages held never exceed the pool, and the tokens stay."""
-    s = sampler(tiny, "paged")
-    s.device.pages = 30
-    held = []
+def check_pages(table: PageTable) -> None:
+    """Every page is free or held, never both; its count of holders is right; slots share a
+    page only with slots of the same prompt."""
+    holders: dict = {}
+    for r in range(len(table.held)):
+        for p in table.table[r, :table.held[r]].tolist():
+            holders.setdefault(p, []).append(table.prompt_of[r])
+    assert not set(table.free) & set(holders)
+    assert sorted(table.free + list(holders)) == list(range(table.pages))
+    for p, keys in holders.items():
+        assert table.refs[p] == len(keys) and len(set(keys)) == 1
+
+
+def run_spied(s, work, sampling, **kw):
+    """`run`, checking the page table whenever a row grows; -> (results, pages in use,
+    most slots holding one page)."""
+    used, shared = [], []
     grow = PageTable.grow
 
     def spy(table, slot, columns):
         grow(table, slot, columns)
-        held.append(table.pages - len(table.free))
-        assert sorted(table.free + [int(p) for r in range(len(table.held))
-                                    for p in table.table[r, :table.held[r]]]) == list(range(30))
+        check_pages(table)
+        used.append(table.used)
+        shared.append(int(table.refs.max()))
 
     mp = pytest.MonkeyPatch()
     mp.setattr(PageTable, "grow", spy)
     try:
-        got = run(s, work, SAMPLED)
+        return run(s, work, sampling, **kw), used, shared
     finally:
         mp.undo()
+
+
+def test_tight_pool_rows_wait(tiny, work, dense):
+    """A pool of 30 pages (two rows at their longest, not five slots): rows wait for pages,
+    the pages in use never exceed the pool, a prompt's samples share its full pages, and the
+    tokens stay."""
+    s = sampler(tiny, "paged")
+    s.device.pages = 30
+    got, used, shared = run_spied(s, work, SAMPLED)
     assert tokens(got) == tokens(dense["sampled"])
-    assert 0 < max(held) <= 30
+    assert 0 < max(used) <= 30 and max(shared) > 1
     roomy = sampler(tiny, "paged")
     run(roomy, work, SAMPLED)
     assert s.stats.decode_steps > roomy.stats.decode_steps  # rows waited
 
 
+@pytest.mark.parametrize("name", ["sampled", "greedy"])
+def test_preempted_rows_give_the_same_tokens(tiny, work, dense, name, monkeypatch):
+    """Rows admitted with room for 4 more steps only, in a pool of 16 pages: running rows
+    outgrow it, the newest are preempted and start again from scratch, and every sample's
+    tokens are still the dense cache's."""
+    from tpt_jax.engine import device as D
+    monkeypatch.setattr(D, "MIN_STEPS", 4)
+    monkeypatch.setattr(D, "PREEMPT_BELOW", 4)
+    s = sampler(tiny, "paged")
+    s.device.pages = 16
+    got, used, _ = run_spied(s, work, SAMPLED if name == "sampled" else GREEDY)
+    assert tokens(got) == tokens(dense[name])
+    assert s.stats.preempted > 0 and s.stats.preempted_tokens > 0 and max(used) <= 16
+    assert s.stats.tokens == (sum(g.num_tokens for r in got for g in r)
+                              + s.stats.preempted_tokens)
+
+
 def test_broken_page_table_is_caught(tiny, work, dense, monkeypatch):
-    """Two live rows sharing a page must change tokens: the comparison can fail."""
-    grow = PageTable.grow
+    """Live rows of different prompts sharing pages on the device must change tokens: the
+    comparison can fail."""
+    from tpt_jax.engine.device import Device
+    make = Device._chunk_cache
 
-    def shared(table, slot, columns):
-        grow(table, slot, columns)
-        table.table[slot, :table.held[slot]] = np.minimum(table.table[slot, :table.held[slot]], 3)
+    def shared(device, cut=None):
+        cache, steps = make(device, cut)
+        t = cache.table
+        return cache.replace(table=jnp.where(t < device.table.pages, jnp.minimum(t, 3), t)), steps
 
-    monkeypatch.setattr(PageTable, "grow", shared)
+    monkeypatch.setattr(Device, "_chunk_cache", shared)
     assert tokens(run(sampler(tiny, "paged"), work, SAMPLED)) != tokens(dense["sampled"])
 
 

@@ -17,8 +17,11 @@ def length_of(prompt: int, sample: int, limit: int) -> int:
 class FakeDevice:
     """A `SlotDevice` that decodes one token a step per live slot, checking what it is told."""
 
-    def __init__(self, slots: int, n: int, max_new: int, to_limit: bool = False):
+    def __init__(self, slots: int, n: int, max_new: int, to_limit: bool = False,
+                 preempting=None):
         self.slots, self.n, self.max_new, self.to_limit = slots, n, max_new, to_limit
+        self.preempting = preempting  # None, or a list of bools: preempt at each call?
+        self.preempted: list = []  # requests preempted, in turn
         self.entries = max(1, slots // min(n, slots))
         self.prefill_sizes = prefill_sizes(self.entries)
         self.store: dict[int, int] = {}  # entry -> prompt it holds
@@ -29,8 +32,18 @@ class FakeDevice:
         self.cancelled: set = set()  # requests the test cancelled
         self.freed: set = set()  # slots of cancelled rows the last read freed
 
-    def reserve(self, prompt):
+    def reserve(self, index, prompt):
         return True
+
+    def preempt(self):
+        """While `preempting` says so, the newest running row gives its slot back."""
+        running = [k for k, r in enumerate(self.rows) if r is not None and r[2] < r[1]]
+        if not (self.preempting and self.preempting.pop() and len(running) > 1):
+            return {}
+        k = max(running, key=lambda k: self.start_order.index(self.rows[k][0]))
+        self.preempted.append(self.rows[k][0])
+        drawn, self.rows[k] = self.rows[k][2], None
+        return {k: drawn}
 
     def prefill(self, batch):
         assert 1 <= len(batch) <= self.entries and len({p.bucket for _, p in batch}) == 1
@@ -50,6 +63,8 @@ class FakeDevice:
             length = p.limit if self.to_limit else length_of(s.request.prompt,
                                                               s.request.sample, p.limit)
             self.rows[s.slot] = [s.request, length, 1]  # the first token drawn
+            if s.request in self.start_order:
+                self.start_order.remove(s.request)  # started again after a preemption
             self.start_order.append(s.request)
 
     def release(self, slots):
@@ -83,9 +98,9 @@ class FakeDevice:
         return Chunk(steps, done, drawn, np.zeros(self.slots, bool), tokens)
 
 
-def run(slots, n, limits, buckets, refill_at, order=None, to_limit=False):
+def run(slots, n, limits, buckets, refill_at, order=None, to_limit=False, preempting=None):
     prompts = [Prompt((2, 3), b, i, lim) for i, (b, lim) in enumerate(zip(buckets, limits))]
-    device = FakeDevice(slots, n, max(limits), to_limit)
+    device = FakeDevice(slots, n, max(limits), to_limit, preempting)
     order = list(range(len(prompts))) if order is None else order
     stats = Stats(slots=slots)
     batches = list(Scheduler(device, prompts, n, order, refill_at, stats).run())
@@ -111,6 +126,36 @@ def test_every_request_once_in_order(slots, n, refill_at, rows):
     assert stats.tokens == sum(len(f.tokens) for f in got)
     assert stats.prefills == device.prefill_calls <= len(rows)
     assert 0 < stats.slot_utilization <= 1 and all(batches)
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(2, 9), n=st.integers(1, 5), refill_at=st.integers(1, 9),
+       rows=st.lists(st.tuples(st.sampled_from([8, 16, 32]), st.integers(1, 12)), min_size=1,
+                     max_size=14),
+       preempting=st.lists(st.booleans(), min_size=1, max_size=60))
+def test_preempted_rows_start_again(slots, n, refill_at, rows, preempting):
+    """Rows the device preempts go back to the queue and start again from scratch: every
+    request still finishes exactly once with all its tokens (none from before it was
+    preempted), from an entry holding its prompt, and the thrown-away tokens are counted."""
+    buckets, limits = zip(*rows)
+    device, stats, batches = run(slots, n, limits, buckets, refill_at, preempting=preempting)
+    got = [f for batch in batches for f in batch]
+    assert sorted((f.request.prompt, f.request.sample) for f in got) == sorted(
+        (i, j) for i in range(len(rows)) for j in range(n))
+    for f in got:
+        assert len(f.tokens) == length_of(f.request.prompt, f.request.sample,
+                                          limits[f.request.prompt])
+    assert stats.preempted == len(device.preempted)
+    assert stats.tokens == sum(len(f.tokens) for f in got) + stats.preempted_tokens
+
+
+def test_a_preempted_row_waits_at_the_head():
+    """A preempted request starts again before the requests that never started."""
+    device, stats, _ = run(2, 1, [12] * 4, [8] * 4, refill_at=1, to_limit=True,
+                           preempting=[False, True])
+    assert device.preempted == [Request(1, 0)] and stats.preempted == 1
+    assert stats.preempted_tokens == 1
+    assert [r.prompt for r in device.start_order] == [0, 1, 2, 3]
 
 
 def test_slots_refill_before_all_finish():

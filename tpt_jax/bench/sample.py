@@ -5,8 +5,9 @@ Uniform workload (default): `--batch` prompts x `--n` samples, every row runs to
 (no EOS); tokens/s of the best of `--repeats` calls after a compile call, as the peer scripts.
 
 Ragged workload (`--lengths FILE`, a JSON list of per-row lengths, e.g. from
-../shared/peers/ragged_lengths.py): one prompt a row, each row's length as its token limit and
-no EOS, so every path does the same useful work; `--batch` decode slots. Every program is
+../shared/peers/ragged_lengths.py): one prompt a length (`--n` samples of it, each running to
+it), the length as its token limit and no EOS, so every path does the same useful work;
+`--batch` decode slots. Every program is
 compiled first (`Sampler.warm_up`), then one timed call: `useful_tokens_per_s` = sum of the
 lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps), a step being
 one decode step of every slot (the step that inserts rows and draws their first tokens counts
@@ -21,6 +22,12 @@ slot cache: every column of every slot, whatever its live length) and `kv_live_m
 bandwidth is measured in-process (`hbm_gbps`, a sum over 4 GiB) and
 `roofline_share` = (weights + live KV) / bandwidth / measured step time: how close the step is
 to what reading only live keys would allow.
+
+Memory: `decode_kv_mib` is the decode cache (dense) or page pool (paged, `--kv-cache-gb`), and
+`rows_per_gb` the rows decoding on an average step per GB of it: a dense slot holds its
+reservation whatever its row's length, a paged pool holds rows by their live pages (a
+prompt's full pages shared by its samples), admitting rows while pages last and preempting
+(`preempted`, `preempted_tokens`: started again, tokens thrown away) when they run out.
 """
 from __future__ import annotations
 
@@ -91,6 +98,20 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
     return total
 
 
+def memory(sampler: Sampler, stats, static: bool) -> dict:
+    """Decode cache bytes and the rows it held on an average decode step (preempted rows'
+    thrown-away steps included: they held pages too)."""
+    decode = sampler.device.kv_bytes(("cache", "pool"))
+    running = stats.tokens / max(stats.decode_steps, 1)
+    out = {"decode_kv_mib": round(decode / 2 ** 20, 1), "mean_running_rows": round(running, 1),
+           "rows_per_gb": round(running / (decode / 1e9), 2)}
+    if sampler.attention != "dense" and not static:
+        peak, pages = sampler.device.pages_used
+        out.update(pool_pages=pages, peak_pages=peak, preempted=stats.preempted,
+                   preempted_tokens=stats.preempted_tokens)
+    return out
+
+
 def measure_bandwidth(nbytes: int = 2 ** 32, repeats: int = 5) -> float:
     """Device memory read bandwidth in GB/s: median of a jitted sum over `nbytes` of bf16 (a
     decode step mostly reads: weights and keys)."""
@@ -129,13 +150,11 @@ def _bench(args) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1")
     lengths = read_lengths(args.lengths) if args.lengths else None
-    if lengths is not None and args.n != 1:
-        raise ConfigError("--lengths gives one length per row: use --n 1")
     cfg = model_preset(args.shape)
     model = M.make_model(cfg, args.dtype, args.dtype)
     mesh = make_mesh(parse_mesh(args.mesh))
     params = M.init_params(model, jax.random.key(0), mesh, SAMPLE_RULES)
-    rows = args.batch * args.n
+    rows = args.batch if lengths else args.batch * args.n
     sampler = Sampler(model, params, mesh, rows=rows, buckets=(args.prompt,), eos_id=None,
                       attention=args.attention, kv_cache_gb=args.kv_cache_gb)
     rng = np.random.default_rng(0)
@@ -163,8 +182,9 @@ def _bench(args) -> int:
         before = sum(TRACE_COUNT.values())
         wall, cpu, n_tok = run(1)
         s = sampler.stats
-        assert n_tok == sum(lengths), (n_tok, sum(lengths))
-        moved = step_bytes(sampler, lengths, args.prompt, s.decode_steps, rows, args.static)
+        assert n_tok == args.n * sum(lengths), (n_tok, args.n * sum(lengths))
+        moved = step_bytes(sampler, [L for L in lengths for _ in range(args.n)], args.prompt,
+                           s.decode_steps, rows, args.static)
         step_s = wall / max(s.decode_steps, 1)
         roof = {}
         if jax.default_backend() != "cpu":
@@ -172,7 +192,8 @@ def _bench(args) -> int:
             roof = {"hbm_gbps": round(gbps, 1), "roofline_share": round(
                 (moved["weights"] + moved["kv_live"]) / (gbps * 1e9) / step_s, 3)}
         print(json.dumps({
-            **info, "workload": "ragged", "rows": len(lengths), "max_new": new,
+            **info, "workload": "ragged", "prompts": len(lengths), "n": args.n,
+            "rows": args.n * len(lengths), "max_new": new,
             "useful_tokens": n_tok, "decode_steps": s.decode_steps,
             "slot_utilization": s.slot_utilization, "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3), "useful_tokens_per_s": round(n_tok / wall, 1),
@@ -182,7 +203,8 @@ def _bench(args) -> int:
             "kv_cache_mib": round(kv_bytes(sampler, args.static, rows) / 2 ** 20, 1),
             "weights_mib": round(moved["weights"] / 2 ** 20, 1),
             "kv_read_mib_per_step": round(moved["kv_read"] / 2 ** 20, 1),
-            "kv_live_mib_per_step": round(moved["kv_live"] / 2 ** 20, 1), **roof}))
+            "kv_live_mib_per_step": round(moved["kv_live"] / 2 ** 20, 1),
+            **memory(sampler, s, args.static), **roof}))
         return 0
 
     first, _, _ = run(0)

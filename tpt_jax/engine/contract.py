@@ -72,8 +72,9 @@ class Finished:
 class Stats:
     """One generate call: decode slots, decode steps (each steps every slot), tokens drawn
     (cancelled and discarded samples' included: the compute spent), prefill calls, host checks
-    (a round trip each), and samples cancelled after they started or discarded after they
-    finished, with the tokens they drew."""
+    (a round trip each), samples cancelled after they started or discarded after they
+    finished, and rows preempted (paged cache full; started again), with the tokens they
+    drew."""
 
     slots: int
     static: bool = False
@@ -83,6 +84,8 @@ class Stats:
     host_checks: int = 0
     cancelled: int = 0
     cancelled_tokens: int = 0
+    preempted: int = 0
+    preempted_tokens: int = 0
 
     @property
     def slot_utilization(self) -> float:
@@ -97,9 +100,14 @@ class SlotDevice(Protocol):
     entries: int  # prompt-store entries
     prefill_sizes: tuple  # prompt counts a prefill is compiled for, ascending (last = entries)
 
-    def reserve(self, prompt: Prompt) -> bool:
-        """Whether a row of `prompt` may start now (its cache room is then set aside for the
-        `insert` that follows); False: it waits for running rows to end."""
+    def reserve(self, index: int, prompt: Prompt) -> bool:
+        """Whether a row of prompt `index` may start now (its cache room is then set aside
+        for the `insert` that follows); False: it waits for running rows to end."""
+
+    def preempt(self) -> dict[int, int]:
+        """Running rows that must give their cache room back for the others to go on (they
+        are marked done): {slot: tokens it had drawn}. The scheduler starts them again from
+        scratch (a row's tokens depend only on its seed, question and sample)."""
 
     def prefill(self, batch: list[tuple[int, Prompt]]) -> None:
         """Prefill prompts of one bucket into their store entries: (entry, prompt) pairs."""

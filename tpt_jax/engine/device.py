@@ -6,7 +6,10 @@ read / release) and runs static batches for the reference path. Its buffers are 
 each program and kept between calls while their shapes stay, so a run allocates its caches
 once. With `attention="paged"` the decode cache is a page pool (`paged`) and the host page
 table (`pages.PageTable`) gives each row pages as it grows; prefill and the prompt store stay
-dense. Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
+dense. A pool smaller than every slot at its longest admits rows by their live pages and,
+when the running rows outgrow it, preempts the newest (`preempt`; the scheduler starts it again
+from scratch: its tokens depend only on seed, question and sample, so they do not change).
+Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
 host reads is replicated, so every host takes the same decisions.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ from tpt_jax.gemma.sharding import logical_to_spec, use_rules
 
 MAX_CHUNK = 256  # decode steps between host checks at most (an interrupt waits this long)
 MIN_STEPS = 64  # paged: a chunk's page table leaves its longest row at least this many steps
+# (and a row is admitted while every running row has pages for this many more steps)
+PREEMPT_BELOW = 16  # paged: preempt rows when the free pages last fewer steps than this
 PAGE_BUCKETS = 4  # paged chunk programs: page tables cut to 1/8, 1/4, 1/2 or all of a slot's
 
 
@@ -70,6 +75,7 @@ class Device:
         # decode attention `kernel` (paged.KERNELS)
         self.attention, self.page, self.pages, self.kernel = attention, page, pages, kernel
         self.table: Optional[PageTable] = None
+        self.pages_used = (0, 0)  # paged: the last call's most pages held at once, of its pool
         self.weights = SamplingWeights(model, mesh, rules)
         self.programs = PR.compiled(model.cfg, model.dtype, model.param_dtype)
         self._bufs: dict = {}  # donated device buffers reused between calls
@@ -120,10 +126,12 @@ class Device:
                                                             self.rules)
         return self._buffer("cache", (rows, length), make, sh)
 
-    def kv_bytes(self) -> int:
-        """Device bytes of the caches held between calls (keys, values, column positions)."""
-        return sum(x.nbytes for _, buf in self._bufs.values() for x in jax.tree.leaves(
-            buf if isinstance(buf, tuple) else (buf.k, buf.v, buf.pos)))
+    def kv_bytes(self, names: tuple = ("cache", "pool", "store")) -> int:
+        """Device bytes of the caches held between calls (keys, values, column positions):
+        the decode cache or page pool, and the prompt store."""
+        return sum(x.nbytes for name, (_, buf) in self._bufs.items() if name in names
+                   for x in jax.tree.leaves(buf if isinstance(buf, tuple)
+                                            else (buf.k, buf.v, buf.pos)))
 
     def pool_pages(self, max_new: int) -> int:
         """Pages of the paged pool: the budget, else every slot at its longest."""
@@ -168,6 +176,7 @@ class Device:
             self._keep("cache", (self.slots, self.cache.pos.shape[1]), self.cache)
         else:
             self._keep("pool", (self.table.pages, self.page), self.pool)
+            self.pages_used = (self.table.peak, self.table.pages)
         self._keep("store", self.store.pos.shape, self.store)
         self.cache = self.pool = self.table = self.store = self.state = None
 
@@ -181,11 +190,45 @@ class Device:
         self.pool = self._buffer("pool", (pages, self.page), make, sh)
         self.table = PageTable(pages, self.page, self.slots, -(-length // self.page))
         self.grown = np.zeros((self.slots, 3), np.int64)  # per slot: prompt length, limit, drawn
+        self.running = np.zeros(self.slots, bool)  # slots whose rows hold pages
+        self.started = np.zeros(self.slots, np.int64)  # when each slot's row started
+        self.starts = 0
+        self.headroom: Optional[int] = None  # pages the running rows need next (cached)
 
-    def reserve(self, prompt: Prompt) -> bool:
-        """Whether a row of `prompt` may start now (paged: its pages at its limit fit beside
-        the running rows'; they are committed to it)."""
-        return self.table is None or self.table.reserve(self.row_columns(prompt))
+    def reserve(self, index: int, prompt: Prompt) -> bool:
+        """Whether a row of prompt `index` may start now (paged: its prompt pages and
+        MIN_STEPS more columns fit beside what the running rows need for as many steps; they
+        are set aside for it)."""
+        if self.table is None:
+            return True
+        if self.headroom is None:
+            self.headroom = self._growth(MIN_STEPS, *self._columns())
+        length = len(prompt.tokens)
+        columns = max(length, min(length + MIN_STEPS, self.row_columns(prompt)))
+        return self.table.reserve(index, length, columns, self.headroom)
+
+    def preempt(self) -> dict[int, int]:
+        """Paged: when the free pages would last the running rows fewer than PREEMPT_BELOW
+        steps, the newest rows give theirs back (marked done) until they last, or one row is
+        left (a pool holds one row at its longest). Returns {slot: tokens it had drawn}; the
+        scheduler starts those requests again."""
+        if self.table is None:
+            return {}
+        out = {}
+        while self.running.sum() > 1:
+            cut, steps = self._plan()
+            if self._fit(min(steps, PREEMPT_BELOW)) >= min(steps, PREEMPT_BELOW):
+                break
+            r = int(np.flatnonzero(self.running)[np.argmax(self.started[self.running])])
+            out[r] = int(self.grown[r, 2])
+            self._free(r)
+        if out:
+            mask = np.zeros(self.slots, bool)
+            mask[list(out)] = True
+            with self.rules_context():
+                self.state = self.programs["release"](self.state,
+                                                      self.put(mask, ("act_batch",)))
+        return out
 
     @staticmethod
     def row_columns(prompt: Prompt) -> int:
@@ -195,33 +238,67 @@ class Device:
 
     def _insert_paged(self, starts: list[Start], prompts: list[Prompt], entry, args) -> None:
         t = self.table
-        for s in starts:
-            p = prompts[s.request.prompt]
-            t.assign(s.slot, self.row_columns(p))
-            t.grow(s.slot, len(p.tokens))
-            self.grown[s.slot] = (len(p.tokens), p.limit, 1)
         pages = np.full((self.slots, -(-self.max_bucket // self.page)), t.pages, np.int32)
         for s in starts:
-            held = t.held[s.slot]
-            pages[s.slot, :held] = t.table[s.slot, :held]
+            p = prompts[s.request.prompt]
+            write = t.start(s.slot, s.request.prompt, len(p.tokens))
+            pages[s.slot, :len(write)] = write
+            self.grown[s.slot] = (len(p.tokens), p.limit, 1)
+            self.running[s.slot] = True
+            self.starts += 1
+            self.started[s.slot] = self.starts
+        t.end_admission()
+        self.headroom = None
         with self.rules_context():
             self.pool, self.state = self.programs["insert_paged"](
                 self.pool, self.state, self.store, entry, self.put(pages, ("act_batch", None)),
                 *args, self.seed, prog=self.prog)
 
-    def _chunk_cache(self, cut: Optional[int] = None) -> tuple[PagedCache, int]:
-        """The pool with page tables cut to the smallest page bucket (or `cut`) that gives
-        every row at least MIN_STEPS more columns (or all it has left), and the steps the
-        chunk may take within it; each row gets the pages those steps fill."""
-        t, buckets = self.table, self.page_buckets(self.table.table.shape[1])
-        rows = [(r, *self.grown[r]) for r in range(self.slots) if t.committed[r]]
-        at = {r: length + drawn - 1 for r, length, _, drawn in rows}  # next column written
-        end = {r: length + limit - 1 for r, length, limit, _ in rows}  # columns at its end
+    def _columns(self) -> tuple[dict, dict]:
+        """Per running slot: the next column it writes, and its columns at its limit."""
+        rows = [(r, *self.grown[r]) for r in np.flatnonzero(self.running).tolist()]
+        return ({r: length + drawn - 1 for r, length, _, drawn in rows},
+                {r: length + limit - 1 for r, length, limit, _ in rows})
+
+    def _growth(self, steps: int, at: dict, end: dict) -> int:
+        """Pages the running rows lack for `steps` more steps."""
+        return sum(self.table.growth(r, min(at[r] + steps, end[r])) for r in at)
+
+    def _plan(self, cut: Optional[int] = None) -> tuple[int, int]:
+        """The smallest page bucket (or `cut`) that gives every row at least MIN_STEPS more
+        columns (or all it has left), and the steps a chunk may take within it."""
+        at, end = self._columns()
         if cut is None:
             need = max([min(at[r] + MIN_STEPS, end[r]) for r in at], default=0)
-            cut = next(b for b in buckets if b * self.page >= need)
-        steps = min([MAX_CHUNK] + [cut * self.page - at[r] for r in at
-                                   if end[r] > cut * self.page])
+            cut = next(b for b in self.page_buckets(self.table.table.shape[1])
+                       if b * self.page >= need)
+        return cut, min([MAX_CHUNK] + [cut * self.page - at[r] for r in at
+                                       if end[r] > cut * self.page])
+
+    def _fit(self, steps: int) -> int:
+        """The most steps, up to `steps`, whose pages the free list holds."""
+        at, end = self._columns()
+        free = len(self.table.free)
+        if self._growth(steps, at, end) <= free:
+            return steps
+        lo, hi = 0, steps  # growth(lo) fits, growth(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self._growth(mid, at, end) <= free else (lo, mid)
+        return lo
+
+    def _free(self, slot: int) -> None:
+        self.table.release(slot)
+        self.running[slot] = False
+        self.headroom = None
+
+    def _chunk_cache(self, cut: Optional[int] = None) -> tuple[PagedCache, int]:
+        """The pool with page tables cut to `_plan`'s page bucket, and the steps the chunk
+        takes (as many as the free pages allow); each row gets the pages those steps fill."""
+        t = self.table
+        cut, steps = self._plan(cut)
+        steps = self._fit(steps)
+        at, end = self._columns()
         for r in at:
             t.grow(r, min(at[r] + steps, end[r]))
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
@@ -282,17 +359,17 @@ class Device:
                                                 for x in out)
         self.columns_read += int(steps) * self.slots * columns
         if self.table is not None:
-            for r in range(self.slots):
-                self.grown[r, 2] = drawn[r]
-                if done[r] and self.table.committed[r]:
-                    self.table.release(r)
+            self.grown[:, 2] = drawn
+            for r in np.flatnonzero(done & self.running).tolist():
+                self._free(r)
+            self.headroom = None
         return Chunk(int(steps), done, drawn, stopped, tokens, logits)
 
     def release(self, slots: list[int]) -> None:
         mask = np.zeros(self.slots, bool)
         mask[slots] = True
         for r in slots if self.table is not None else ():
-            self.table.release(r)
+            self._free(r)
         with self.rules_context():
             self.state = self.programs["release"](self.state, self.put(mask, ("act_batch",)))
 

@@ -12,7 +12,9 @@ previous chunk's finished rows into results. Every host takes the same decisions
 same replicated outputs.
 
 A device with a paged cache may refuse a request (`reserve`: its pages do not fit beside the
-running rows'); it then waits, with those after it, until rows end.
+running rows'); it then waits, with those after it, until rows end. Before each chunk the
+device may preempt running rows (`preempt`: the rows outgrew its pages); their requests go
+back to the head of the queue and start again from scratch.
 
 Early stop (`by_sample=True`): requests run sample-major (every prompt's sample 0 before any
 sample 1), and a prompt's next sample waits while an earlier one is undecided (running, or
@@ -49,7 +51,7 @@ class Scheduler:
         self.entry_of: dict[int, int] = {}  # prompt -> its store entry
         self.left = [0] * device.entries  # samples of an entry's prompt still waiting
         self.free_entries = collections.deque(range(device.entries))
-        self.begun = [0] * len(self.prompts)  # samples started per prompt (they start in order)
+        self.pending = [set(range(n)) for _ in self.prompts]  # samples waiting, per prompt
         self.cut = [n] * len(self.prompts)  # per prompt: samples from this index are cancelled
         self.waiting = len(self.queue)  # requests neither started nor cancelled
         self.dropping: set = set()  # slots whose running rows are cancelled
@@ -63,7 +65,9 @@ class Scheduler:
             return
         self.cut[prompt] = start
         self.recut = True
-        self.waiting -= max(0, old - max(start, self.begun[prompt]))
+        dropped = {j for j in self.pending[prompt] if j >= start}
+        self.pending[prompt] -= dropped
+        self.waiting -= len(dropped)
         self.dropping.update(r for r, h in enumerate(self.held)
                              if h is not None and h.prompt == prompt and h.sample >= start)
         e = self.entry_of.get(prompt)
@@ -74,7 +78,7 @@ class Scheduler:
 
     def live(self, prompt: int) -> int:
         """Waiting, uncancelled requests of `prompt`."""
-        return max(0, self.cut[prompt] - self.begun[prompt])
+        return len(self.pending[prompt])
 
     # -- the loop
 
@@ -88,6 +92,8 @@ class Scheduler:
             if stale:
                 self.device.release(stale)
             self.stale = []
+            for slot, drawn in self.device.preempt().items():
+                self.requeue(slot, drawn)
             if all(h is None for h in self.held):
                 break
             handle = self.device.decode(self.min_exit())
@@ -129,6 +135,23 @@ class Scheduler:
                 self.held[r] = None
         return rows
 
+    def requeue(self, slot: int, drawn: int) -> None:
+        """Slot `slot`'s row was preempted: its request goes back to the head of the queue
+        (its drawn tokens are thrown away)."""
+        request, self.held[slot] = self.held[slot], None
+        self.stats.preempted += 1
+        self.stats.preempted_tokens += drawn
+        self.stats.tokens += drawn
+        self.undecided[request.prompt] -= 1
+        if request.sample >= self.cut[request.prompt]:
+            return  # cancelled meanwhile
+        self.queue.insert(0, request)
+        self.pending[request.prompt].add(request.sample)
+        self.waiting += 1
+        e = self.entry_of.get(request.prompt)
+        if e is not None:
+            self.left[e] += 1
+
     # -- starting requests
 
     def admit(self, free: list) -> bool:
@@ -150,17 +173,15 @@ class Scheduler:
             request = self.queue[k]
             opens = request.prompt not in self.entry_of
             if opens and not self.free_entries:
-                if not self.by_sample:
-                    break  # in queue order no later prompt has an entry either
-                continue  # nor can its later samples: they need the same entry
-            if not self.device.reserve(self.prompts[request.prompt]):
+                continue  # (nor can its later samples: they need the same entry)
+            if not self.device.reserve(request.prompt, self.prompts[request.prompt]):
                 break  # no room (paged cache): it waits for running rows to end
             if opens:
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
             starts.append(Start(free.pop(0), self.entry_of[request.prompt], request))
             self.left[self.entry_of[request.prompt]] -= 1
-            self.begun[request.prompt] += 1
+            self.pending[request.prompt].discard(request.sample)
             self.undecided[request.prompt] += 1
             self.waiting -= 1
             taken.append(k)
