@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tpt_jax", "tpt_jax.*"]),
+    package_data={"tpt_jax.bench": ["gsm8k_lengths.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",

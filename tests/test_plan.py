@@ -69,7 +69,7 @@ def test_sample_bytes(tiny_plan):
     per_column = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * 2
     # dense: 24 columns + positions; paged: 16 + 8 - 1 columns in whole pages of 16
     assert sample["kv_rows_per_gb"] == {"dense": round(1e9 / (24 * (per_column + 4)), 2),
-                                        "paged": round(1e9 / (32 * per_column), 2),
+                                        "paged_at_limit": round(1e9 / (32 * per_column), 2),
                                         "page_size": 16}
     xla = sample["xla"]
     assert xla["argument"] == pytest.approx(

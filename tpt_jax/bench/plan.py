@@ -243,17 +243,18 @@ def plan_sample(cfg: RunConfig, model, mesh) -> dict:
 
 def kv_rows_per_gb(model, bucket: int, max_new: int) -> dict:
     """Rows whose KV cache fits in 1e9 bytes (all devices together): the dense cache reserves
-    cache_length(bucket + max_new) columns a slot (keys, values, positions); the paged cache
-    commits whole pages for prompt + max_new - 1 columns a row (the last token is never fed
-    back) at the longest prompt (the bucket), the prompt's pages included (they are not
-    shared between a prompt's samples)."""
+    cache_length(bucket + max_new) columns a slot (keys, values, positions) whatever the row's
+    length; the paged cache holds a row by its live pages, so per GB it holds at least
+    `paged_at_limit` rows (each in whole pages for prompt + max_new - 1 columns, the longest
+    prompt's included), and as many more as traces stop before their limit and samples share
+    their prompt's pages (`tpt bench sample --lengths` measures that)."""
     from tpt_jax.engine import cache as C
     from tpt_jax.engine.paged import pool_bytes
     from tpt_jax.engine.sampler import PAGE_SIZE
     dense = C.cache_bytes(model.cfg, 1, C.cache_length(bucket + max_new), model.dtype)
     pages = -(-(bucket + max_new - 1) // PAGE_SIZE)
     paged = pool_bytes(model.cfg, pages, PAGE_SIZE, model.dtype)
-    return {"dense": round(1e9 / dense, 2), "paged": round(1e9 / paged, 2),
+    return {"dense": round(1e9 / dense, 2), "paged_at_limit": round(1e9 / paged, 2),
             "page_size": PAGE_SIZE}
 
 
@@ -361,8 +362,8 @@ def format_plan(plan: dict) -> str:
             lines.append(f"  sample: {s['rows']} rows ({s['samples_per_prompt']} per prompt) x "
                          f"cache {s['cache_length']} ({s['max_prompt_tokens']} prompt + "
                          f"{s['max_new_tokens']} new); KV rows per GB: dense {kv['dense']:g}, "
-                         f"paged {kv['paged']:g} (pages of {kv['page_size']}, committed at "
-                         f"the limit)")
+                         f"paged {kv['paged_at_limit']:g} at the limit and more by live "
+                         f"length (pages of {kv['page_size']})")
     names = list(plan["hbm_gib"])
     unit, scale = _unit(plan)
     _gib = lambda n: f"{n / scale:.2f}"

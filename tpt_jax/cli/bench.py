@@ -1,4 +1,5 @@
-"""`tpt bench sample | train | prune`: each prints one JSON line.
+"""`tpt bench sample | train | prune`: each prints one JSON line; `tpt bench accelerator` runs
+the first two in turn and prints a table.
 
 Each benchmark has its module in `tpt_jax.bench`; each provides `add_bench_cli(parser)`, which
 adds its arguments and sets `func`.
@@ -12,6 +13,9 @@ BENCHES = {
     "sample": ("tpt_jax.bench.sample", "tokens/s of the sampler, uniform or ragged (random init)"),
     "train": ("tpt_jax.bench.train", "trained tokens/s and MFU of the SFT step"),
     "prune": ("tpt_jax.bench.prune", "records/s of tpt prune on synthetic samples"),
+    "accelerator": ("tpt_jax.bench.accelerator",
+                    "sampler (uniform, ragged Think on each decode cache) and train step on an "
+                    "accelerator, as one table"),
 }
 
 
