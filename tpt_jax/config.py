@@ -83,7 +83,10 @@ class ThinkConfig:
     # (paged, read by JAX's Pallas GPU kernel; GPU only), "auto" (dense on CPU, so its figures
     # stay; paged on GPU/TPU).
     attention: str = "auto"
-    kv_cache_gb: Optional[float] = None  # paged: the page pool (None: every slot at its longest)
+    # paged: the page pool (None: every slot at its longest). Rows are held by their live
+    # pages, so with a budget think.batch_size (the slots) may exceed what it holds at full
+    # length: when running rows outgrow it, the newest is preempted and started again.
+    kv_cache_gb: Optional[float] = None
     # Budget mode (tpt_jax/stages/budget.py), both or neither: after think.n samples of every
     # question, the questions Prune's rule has not settled (first-correct, max-k) get one more
     # sample a wave, up to n_max each, while the round's budget of decoded tokens lasts.

@@ -299,6 +299,9 @@ class Device:
         cut, steps = self._plan(cut)
         steps = self._fit(steps)
         at, end = self._columns()
+        if at and not steps:
+            raise RuntimeError("the page pool has no page for the next step (call preempt "
+                               "before decode)")
         for r in at:
             t.grow(r, min(at[r] + steps, end[r]))
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
