@@ -212,3 +212,28 @@ def test_early_stop_off_for_strategies_needing_every_sample(caplog):
     assert T.early_stop(CFG, PruneConfig(strategy="max-k", max_per_question=3)) == 3
     import dataclasses
     assert T.early_stop(dataclasses.replace(CFG, stop_when_selected=False), PruneConfig()) is None
+
+
+def test_paged_pool_that_preempts_gives_the_dense_records(setup, tmp_path, monkeypatch, caplog):
+    """think.attention=paged with a pool of 12 pages for 4 slots (rows admitted with room for
+    4 more steps only): rows are preempted and started again, and Think writes the records
+    of the dense cache; the log and decoded.json say what was drawn again."""
+    import dataclasses
+    import logging
+    from tpt_jax.engine import device as D
+    from tpt_jax.engine.paged import pool_bytes
+    model, params, questions = setup
+    monkeypatch.setattr(D, "MIN_STEPS", 4)
+    monkeypatch.setattr(D, "PREEMPT_BELOW", 4)
+    cfg = dataclasses.replace(CFG, n=3, max_new_tokens=40, shard_size=5)
+    gb = pool_bytes(model.cfg, 12.5, 16, model.dtype) / 1e9
+    run = lambda c, out: T.think(params, model, ByteTokenizer(), questions, c, out,
+                                 template="plain", progress=False)
+    dense = run(dataclasses.replace(cfg, attention="dense"), None)
+    with caplog.at_level(logging.INFO, logger="tpt_jax"):
+        paged = run(dataclasses.replace(cfg, attention="paged", kv_cache_gb=gb), str(tmp_path))
+    assert paged == dense
+    drawn = json.loads((tmp_path / "decoded.json").read_text())["samples-00000.jsonl"]
+    assert drawn["preempted"] > 0 and drawn["preempted_tokens"] > 0
+    assert drawn["tokens"] == sum(r["tokens"] for r in paged) + drawn["preempted_tokens"]
+    assert "the KV page pool ran out" in caplog.text

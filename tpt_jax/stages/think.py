@@ -328,6 +328,7 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                                                       [len(s) for s in shards])
     records: list[dict] = []
     used = offered = skipped = 0  # tokens drawn / slot-steps run; samples cancelled
+    preempted = [0, 0]  # rows the paged cache preempted, tokens they had drawn
     try:
         for k, (shard, is_done) in enumerate(zip(shards, done)):
             if is_done:
@@ -340,6 +341,8 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
             used += sum(c.tokens for c in calls)
             offered += sum(c.slots * c.decode_steps for c in calls)
             skipped += sum(c.cancelled for c in calls)
+            preempted[0] += sum(c.preempted for c in calls)
+            preempted[1] += sum(c.preempted_tokens for c in calls)
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
@@ -355,6 +358,11 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                  "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
                          if isinstance(v, int)),
                  f"; decode slots busy {used / offered:.0%}" if offered else "")
+        if preempted[0]:
+            log.info("think: the KV page pool ran out %d times: the newest rows were started "
+                     "again (%d tokens drawn twice, %.1f%% of those drawn; a larger "
+                     "think.kv_cache_gb avoids it)", preempted[0], preempted[1],
+                     100 * preempted[1] / max(used, 1))
         if settle is not None:
             counts = collections.Counter(r["id"] for r in records).values()
             log.info("think: budget mode: %d samples, %d to %d a question; the shards sampled "
@@ -404,7 +412,8 @@ def _record_decoded(out_dir: str, k: int, calls: list) -> None:
     again)."""
     drawn = _read_decoded(tio.path(out_dir))
     drawn[shard_name(k)] = {key: sum(getattr(c, key) for c in calls)
-                            for key in ("tokens", "cancelled", "cancelled_tokens")}
+                            for key in ("tokens", "cancelled", "cancelled_tokens", "preempted",
+                                        "preempted_tokens")}
     tio.write_json_atomic(tio.path(out_dir) / DECODED, drawn)
 
 
