@@ -26,7 +26,8 @@ class FakeDevice:
         self.prefill_sizes = prefill_sizes(self.entries)
         self.store: dict[int, int] = {}  # entry -> prompt it holds
         self.rows: list = [None] * slots  # (request, length, drawn) per slot
-        self.start_order: list = []
+        self.start_order: list = []  # requests by their last start
+        self.first_starts: list = []  # requests by their first start
         self.prefill_calls = 0
         self.prefilled: list = []  # prompts, once per prefill
         self.cancelled: set = set()  # requests the test cancelled
@@ -65,6 +66,8 @@ class FakeDevice:
             self.rows[s.slot] = [s.request, length, 1]  # the first token drawn
             if s.request in self.start_order:
                 self.start_order.remove(s.request)  # started again after a preemption
+            else:
+                self.first_starts.append(s.request)
             self.start_order.append(s.request)
 
     def release(self, slots):
@@ -175,11 +178,11 @@ def test_given_order_is_the_start_order():
 
 
 
-def run_cancelling(slots, n, limits, refill_at, needed):
+def run_cancelling(slots, n, limits, refill_at, needed, preempting=None):
     """Sample-major with early stop: prompt i needs needed[i] samples; like the Sampler, the
     caller cancels the rest once samples 0..needed[i]-1 have all finished."""
     prompts = [Prompt((2, 3), 8, i, lim) for i, lim in enumerate(limits)]
-    device = FakeDevice(slots, n, max(limits))
+    device = FakeDevice(slots, n, max(limits), preempting=preempting)
     device.entries, device.prefill_sizes = 2 * slots, prefill_sizes(2 * slots)  # Device.begin
     stats = Stats(slots=slots)
     scheduler = Scheduler(device, prompts, n, list(range(len(prompts))), refill_at, stats,
@@ -202,16 +205,17 @@ def run_cancelling(slots, n, limits, refill_at, needed):
 def test_cancelled_samples_stop(slots, n, refill_at, limits, data):
     """Every needed sample finishes once; a cancelled one never starts after its cancellation
     and its running row stops at the next host check (the fake checks both); starts are
-    sample-major; every token drawn is counted."""
+    sample-major; every token drawn is counted; the same with rows preempted at random."""
     needed = data.draw(st.lists(st.integers(1, n), min_size=len(limits), max_size=len(limits)))
-    device, stats, got = run_cancelling(slots, n, limits, refill_at, needed)
+    preempting = data.draw(st.one_of(st.none(), st.lists(st.booleans(), max_size=40)))
+    device, stats, got = run_cancelling(slots, n, limits, refill_at, needed, preempting)
     kept = [(i, j) for i, j in got if j < needed[i]]
     assert sorted(kept) == sorted((i, j) for i in range(len(limits)) for j in range(needed[i]))
-    for i in range(len(limits)):  # a prompt's samples start in order
-        started = [r.sample for r in device.start_order if r.prompt == i]
+    for i in range(len(limits)):  # a prompt's samples start in order (first starts)
+        started = [r.sample for r in device.first_starts if r.prompt == i]
         assert started == list(range(len(started)))
     drawn = sum(length_of(i, j, limits[i]) for i, j in got)
-    assert stats.tokens == drawn + stats.cancelled_tokens
+    assert stats.tokens == drawn + stats.cancelled_tokens + stats.preempted_tokens
 
 
 def test_early_stop_draws_only_what_is_needed():
