@@ -193,9 +193,9 @@ def test_paged_early_stop_and_new_weights(tiny, work):
 
 
 def test_long_rows_cross_page_buckets(tiny):
-    """Rows of 300 tokens: chunks cut the page table to 32, 48 then all 80 pages as the rows
-    grow (the dense cache scores its 320 columns in blocks, short cuts in one matmul): the
-    tokens stay."""
+    """Rows of 300 and 170 tokens: the longer is read at the whole width (80 pages), the
+    other through page tables cut to 32 then 48 pages as it grows (the dense cache scores
+    its 320 columns in blocks, short cuts in one matmul): the tokens stay."""
     model, params = tiny
     prompts = [[2, 5, 9], [2] + list(range(3, 14))]
     sc = SamplingConfig(temperature=1.0, max_new_tokens=300)
@@ -207,7 +207,7 @@ def test_long_rows_cross_page_buckets(tiny):
 
     def spy(device, cut=None):
         c = make(device, cut)
-        cuts.append(c[0].table.shape[1])
+        cuts.append((c[0].short, tuple(c[0].long_rows.tolist())))
         return c
 
     mp = pytest.MonkeyPatch()
@@ -217,7 +217,9 @@ def test_long_rows_cross_page_buckets(tiny):
     finally:
         mp.undo()
     assert tokens(got) == tokens(want)
-    assert s.device.page_buckets(80) == (16, 32, 48, 80) and {32, 48, 80} <= set(cuts)
+    assert s.device.page_buckets(80) == (16, 32, 48, 80)
+    # the longer row is read at the whole width; the other's pages grow through the buckets
+    assert {32, 48} <= {c for c, _ in cuts} and (48, (0,)) in cuts
 
 
 def test_bad_settings(tiny):

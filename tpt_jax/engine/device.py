@@ -38,6 +38,7 @@ MIN_STEPS = 64  # paged: a chunk's page table leaves its longest row at least th
 # (and a row is admitted while every running row has pages for this many more steps)
 PREEMPT_BELOW = 16  # paged: preempt rows when the free pages last fewer steps than this
 PAGE_BUCKETS = 4  # paged chunk programs: page tables cut to 1/8, 1/4, 1/2 or all of a slot's
+LONG_SHARE = 8  # paged, plain attention: up to slots / LONG_SHARE rows read every page they hold
 
 
 def prefill_sizes(entries: int) -> tuple[int, ...]:
@@ -216,7 +217,7 @@ class Device:
             return {}
         out = {}
         while self.running.sum() > 1:
-            cut, steps = self._plan()
+            cut, steps, _ = self._plan()
             if self._fit(min(steps, PREEMPT_BELOW)) >= min(steps, PREEMPT_BELOW):
                 break
             r = int(np.flatnonzero(self.running)[np.argmax(self.started[self.running])])
@@ -264,16 +265,24 @@ class Device:
         """Pages the running rows lack for `steps` more steps."""
         return sum(self.table.growth(r, min(at[r] + steps, end[r])) for r in at)
 
-    def _plan(self, cut: Optional[int] = None) -> tuple[int, int]:
-        """The smallest page bucket (or `cut`) that gives every row at least MIN_STEPS more
-        columns (or all it has left), and the steps a chunk may take within it."""
+    def long_slots(self) -> int:
+        """Rows a chunk may read at their whole width (the plain attention's long group)."""
+        return 0 if self.kernel != "plain" else max(1, self.slots // LONG_SHARE)
+
+    def _plan(self, cut: Optional[int] = None) -> tuple[int, int, list]:
+        """The long rows (the `long_slots` needing the most columns), the smallest page bucket
+        (or `cut`) that gives every other row at least MIN_STEPS more columns (or all it has
+        left), and the steps a chunk may take within it: (cut, steps, long rows)."""
         at, end = self._columns()
+        need = {r: min(at[r] + MIN_STEPS, end[r]) for r in at}
+        long = sorted(need, key=lambda r: (-need[r], r))[:self.long_slots()]
+        short = [r for r in at if r not in long]
         if cut is None:
-            need = max([min(at[r] + MIN_STEPS, end[r]) for r in at], default=0)
+            most = max([need[r] for r in short], default=0)
             cut = next(b for b in self.page_buckets(self.table.table.shape[1])
-                       if b * self.page >= need)
-        return cut, min([MAX_CHUNK] + [cut * self.page - at[r] for r in at
-                                       if end[r] > cut * self.page])
+                       if b * self.page >= most)
+        return cut, min([MAX_CHUNK] + [cut * self.page - at[r] for r in short
+                                       if end[r] > cut * self.page]), long
 
     def _fit(self, steps: int) -> int:
         """The most steps, up to `steps`, whose pages the free list holds."""
@@ -293,10 +302,10 @@ class Device:
         self.headroom = None
 
     def _chunk_cache(self, cut: Optional[int] = None) -> tuple[PagedCache, int]:
-        """The pool with page tables cut to `_plan`'s page bucket, and the steps the chunk
-        takes (as many as the free pages allow); each row gets the pages those steps fill."""
+        """The pool with `_plan`'s page bucket and long rows, and the steps the chunk takes
+        (as many as the free pages allow); each row gets the pages those steps fill."""
         t = self.table
-        cut, steps = self._plan(cut)
+        cut, steps, long = self._plan(cut)
         steps = self._fit(steps)
         at, end = self._columns()
         if at and not steps:
@@ -304,9 +313,12 @@ class Device:
                                "before decode)")
         for r in at:
             t.grow(r, min(at[r] + steps, end[r]))
+        long_rows = np.full(self.long_slots(), self.slots, np.int32)
+        long_rows[:len(long)] = long
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
         cache = PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
-                           table=self.put(t.table[:, :cut], ("act_batch", None)), offset=zeros,
+                           table=self.put(t.table, ("act_batch", None)), offset=zeros,
+                           long_rows=self.put(long_rows, (None,)), short=cut,
                            kernel=self.kernel)
         return cache, steps
 
@@ -348,10 +360,12 @@ class Device:
             cache, self.state, steps, out = self.programs["chunk"](
                 self.params, cache, self.state, self.seed, jnp.int32(max_steps),
                 jnp.int32(min_exit), prog=self.prog)
-        if self.table is None:
-            self.cache, columns = cache, cache.pos.shape[1]
+        if self.table is None:  # columns every step reads, all slots together
+            self.cache, columns = cache, self.slots * cache.pos.shape[1]
         else:
-            self.pool, columns = (cache.k, cache.v), cache.table.shape[1] * self.page
+            self.pool = (cache.k, cache.v)
+            columns = self.page * (self.slots * cache.short + cache.long_rows.shape[0]
+                                   * cache.table.shape[1])
         return steps, out, columns
 
     def read(self, handle: Any) -> Chunk:
@@ -360,7 +374,7 @@ class Device:
         steps, out, columns = handle
         done, drawn, stopped, tokens, logits = (None if x is None else np.asarray(x)
                                                 for x in out)
-        self.columns_read += int(steps) * self.slots * columns
+        self.columns_read += int(steps) * columns
         if self.table is not None:
             self.grown[:, 2] = drawn
             for r in np.flatnonzero(done & self.running).tolist():

@@ -4,15 +4,17 @@ slot's pages through its page table (`pages.PageTable` decides which pages a slo
 - `init_pool` / `pool_shardings`: one [kv_heads, pages, page, head_dim] pool per layer (the
   layout of the Pallas kernel; heads over tensor, pages replicated over the data axes, so any
   slot can hold any page).
-- `PagedCache`: the pools plus, for one decode step, each slot's page table cut to the pages a
-  chunk can reach, the column offset between the dense layout and the pages, and whether each
-  row is live. Its layers (`PagedView`) write the step's keys into the row's page and attend
-  over the row's pages: the plain path gathers them and scores them as the dense path's
-  `attention.cached_attention` does, kv heads leading (cost follows the chunk's page count, the longest live row
-  rounded up to a page bucket, not the reserved length); `kernel="pallas"` runs JAX's Pallas
-  GPU `paged_attention` (per-row lengths, Gemma2's soft-cap) on layers where the sliding
-  window cannot bite (global layers, or every layer while the page table is within the
-  window), the plain path on the others.
+- `PagedCache`: the pools plus, for one chunk of decode steps, each slot's page table, the
+  column offset between the dense layout and the pages, whether each row is live, and which
+  few rows are long. Its layers (`PagedView`) write the step's keys into the row's page and
+  attend over the row's pages: the plain path (`plain_attention`) gathers them and scores
+  them as the dense path's `attention.cached_attention` does, kv heads leading; most rows
+  read the first `short` pages (a page bucket that covers them for the chunk) and the few
+  longest (`long_rows`, an eighth of the slots at most) every page, so the cost follows the
+  rows' lengths, not the longest row's; `kernel="pallas"` runs JAX's Pallas GPU
+  `paged_attention` (per-row lengths, Gemma2's soft-cap) on layers where the sliding window
+  cannot bite (global layers, or every layer while the pages read are within the window),
+  the plain path on the others.
 
 A row's prompt sits at columns [0, prompt length) of its pages (the dense cache left-pads it
 to its bucket; `programs.insert_paged` shifts it), so column c holds position c: what the
@@ -81,40 +83,30 @@ class PagedView:
 
     k: Array  # [K, pages, page, H]
     v: Array
-    table: Array  # [B, P] page ids (out of range: none held)
+    table: Array  # [B, W] every page each row holds (out of range: none)
     column: Array  # [B] the column this step writes (= its position)
-    key_pos: Array  # [B, P * page] positions of the gathered columns (-1: masked)
     live: Array  # [B] rows that write (done rows' pages may already be someone else's)
+    long_rows: Array  # [L] rows read at the whole width W (B: none); the others read `short`
+    short: int = flax.struct.field(pytree_node=False, default=0)  # pages most rows read
     kernel: str = flax.struct.field(pytree_node=False, default="plain")
 
     def attend(self, q: Array, k: Array, v: Array, positions: Array, sliding: bool,
                cfg: ModelConfig) -> tuple[Array, "PagedView"]:
         k_pool, v_pool = self._write(self.k, k), self._write(self.v, v)
         view = self.replace(k=k_pool, v=v_pool)
-        reach = self.table.shape[1] * k_pool.shape[2]
-        if self.kernel != "plain" and (not sliding or reach <= cfg.sliding_window):
-            out = kernel_attention(q, k_pool, v_pool, self.table, self.column + 1, cfg,
+        table = self.table[:, :self.short]
+        if self.kernel != "plain" and (not sliding or self.short * k_pool.shape[2]
+                                       <= cfg.sliding_window):
+            out = kernel_attention(q, k_pool, v_pool, table, self.column + 1, cfg,
                                    self.kernel == "interpret")
             return constrain(out, A.HEADS_AXES), view
-        return self._plain(q, k_pool, v_pool, positions, sliding, cfg), view
-
-    def _plain(self, q: Array, k_pool: Array, v_pool: Array, positions: Array, sliding: bool,
-               cfg: ModelConfig) -> Array:
-        """`attention.cached_attention` over the rows' gathered pages, kv heads leading: the
-        gather gives [K, B, P, page, H], and moving K behind B would copy it again (on CPU
-        that copy cost more than the attention), so the small queries move instead."""
-        B, T, N, H = q.shape
-        K, G = k_pool.shape[0], N // k_pool.shape[0]
-        k, v = self._gather(k_pool, q.dtype), self._gather(v_pool, q.dtype)
-        qg = q.reshape(B, T, K, G, H).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, H)
-        logits = A.cached_logits(qg, k)  # [K, B, T * G, S]
-        mask = A.key_mask(positions, self.key_pos, sliding, cfg)
-        mask = jnp.repeat(mask, G, axis=1) if G > 1 else mask  # query t*G + g
-        logits = jnp.where(mask[None], A.softcap(logits, cfg.attn_logit_softcap),
-                           jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-        out = jnp.einsum("KBQS,KBSH->KBQH", probs, v).reshape(K, B, T, G, H)
-        return constrain(out.transpose(1, 2, 0, 3, 4).reshape(B, T, N, H), A.HEADS_AXES)
+        out = plain_attention(q, k_pool, v_pool, table, self.column, positions, sliding, cfg)
+        if self.long_rows.shape[0]:  # the longest rows, over every page they hold
+            rows = jnp.minimum(self.long_rows, q.shape[0] - 1)
+            long = plain_attention(q[rows], k_pool, v_pool, self.table[rows], self.column[rows],
+                                   positions[rows], sliding, cfg)
+            out = out.at[self.long_rows].set(long, mode="drop")
+        return constrain(out, A.HEADS_AXES), view
 
     def _write(self, pool: Array, new: Array) -> Array:
         """new [B, 1, K, H] into each live row's page at `column`."""
@@ -124,35 +116,56 @@ class PagedView:
         new = jnp.swapaxes(new[:, 0], 0, 1).astype(pool.dtype)  # [K, B, H]
         return pool.at[:, at, self.column % page].set(new, mode="drop")
 
-    def _gather(self, pool: Array, dtype: Any) -> Array:
-        """The rows' pages [K, B, P * page, H] (entries past a row's pages read some page,
-        masked by key_pos)."""
-        B, P = self.table.shape
-        K, _, page, H = pool.shape
-        return jnp.take(pool, self.table, axis=1, mode="clip").reshape(K, B, P * page, H
-                                                                       ).astype(dtype)
+
+def plain_attention(q: Array, k_pool: Array, v_pool: Array, table: Array, column: Array,
+                    positions: Array, sliding: bool, cfg: ModelConfig) -> Array:
+    """`attention.cached_attention` over the rows' gathered pages table [B, P] (columns up to
+    `column` [B]), kv heads leading: the gather gives [K, B, P, page, H], and moving K
+    behind B would copy it again (on CPU that copy cost more than the attention), so the
+    small queries move instead."""
+    B, T, N, H = q.shape
+    K, G, page = k_pool.shape[0], N // k_pool.shape[0], k_pool.shape[2]
+    k, v = gather(k_pool, table, q.dtype), gather(v_pool, table, q.dtype)
+    qg = q.reshape(B, T, K, G, H).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, H)
+    logits = A.cached_logits(qg, k)  # [K, B, T * G, S]
+    col = jnp.arange(table.shape[1] * page, dtype=jnp.int32)[None]
+    mask = A.key_mask(positions, jnp.where(col <= column[:, None], col, -1), sliding, cfg)
+    mask = jnp.repeat(mask, G, axis=1) if G > 1 else mask  # query t*G + g
+    logits = jnp.where(mask[None], A.softcap(logits, cfg.attn_logit_softcap),
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("KBQS,KBSH->KBQH", probs, v).reshape(K, B, T, G, H)
+    return out.transpose(1, 2, 0, 3, 4).reshape(B, T, N, H)
+
+
+def gather(pool: Array, table: Array, dtype: Any) -> Array:
+    """The rows' pages [K, B, P * page, H] (entries past a row's pages read some page, masked
+    by the columns)."""
+    B, P = table.shape
+    K, _, page, H = pool.shape
+    return jnp.take(pool, table, axis=1, mode="clip").reshape(K, B, P * page, H).astype(dtype)
 
 
 @flax.struct.dataclass
 class PagedCache:
-    """Pools per layer, and for the current step: page tables [B, P], offsets [B] (dense
-    column - paged column) and live rows [B]."""
+    """Pools per layer, and for the current chunk: page tables [B, W], offsets [B] (dense
+    column - paged column), live rows [B], and the rows read at the whole width [L] (the
+    others read the first `short` pages)."""
 
     k: tuple
     v: tuple
     table: Array
     offset: Array
     live: Array
+    long_rows: Array
+    short: int = flax.struct.field(pytree_node=False, default=0)
     kernel: str = flax.struct.field(pytree_node=False, default="plain")
 
     def views(self, positions: Array, index: Array) -> list:
         """Per layer, the view that writes at dense column `index` (paged: index - offset)."""
-        page = self.k[0].shape[2]
-        column = index - self.offset
-        col = jnp.arange(self.table.shape[1] * page, dtype=jnp.int32)[None]
-        key_pos = jnp.where(col <= column[:, None], col, -1)
-        return [PagedView(k=k, v=v, table=self.table, column=column, key_pos=key_pos,
-                          live=self.live, kernel=self.kernel) for k, v in zip(self.k, self.v)]
+        return [PagedView(k=k, v=v, table=self.table, column=index - self.offset,
+                          live=self.live, long_rows=self.long_rows, short=self.short,
+                          kernel=self.kernel) for k, v in zip(self.k, self.v)]
 
     def from_views(self, views: list) -> "PagedCache":
         return self.replace(k=tuple(x.k for x in views), v=tuple(x.v for x in views))
