@@ -32,6 +32,12 @@ def test_a_failing_run_is_a_row(capsys, monkeypatch):
     assert "| ragged | exit 2: " in out and "/nonexistent.json" in out
 
 
+def test_runs_past_the_budget_are_skipped(capsys):
+    assert main(TINY + ["--attention", "paged", "--budget", "5"]) == 1
+    out = capsys.readouterr().out
+    assert out.count(" | skipped: the 5 s budget is spent |") == 3  # a table row each
+
+
 def test_shipped_lengths():
     full = A.ragged_lengths(8192, 4096)
     clipped = A.ragged_lengths(1024, 1024)

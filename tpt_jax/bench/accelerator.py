@@ -7,7 +7,8 @@ Think at each `--slots` with `--rows-per-slot` rows a slot in file order (length
 GSM8K's training solutions, `gsm8k_lengths.json`, clipped to `--max-new`), on each decode
 cache (dense, paged, and on a GPU the Pallas kernel), then one train step setting. The
 defaults (gemma2-2b, bf16) are sized to fit 8 minutes on a lent H200 from the earlier
-figures there (each run is capped by `--timeout`); they have not run on one yet.
+figures there; each run is capped by `--timeout` and the whole by `--budget` (later runs are
+skipped, with a row saying so). They have not run on one yet.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from tpt_jax.config import ConfigError
 from tpt_jax.gemma.config import MODEL_PRESETS
 
@@ -36,6 +38,8 @@ def add_bench_cli(parser) -> None:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq", type=int, default=1024)
     parser.add_argument("--timeout", type=int, default=240, help="seconds a run may take")
+    parser.add_argument("--budget", type=int, default=470,
+                        help="seconds for everything: runs that would start later are skipped")
     parser.set_defaults(func=_bench)
 
 
@@ -97,7 +101,7 @@ def row(label: str, r: dict) -> str:
 
 def _bench(args) -> int:
     import jax
-    for name in ("prompt", "max_new", "rows_per_slot", "timeout"):
+    for name in ("prompt", "max_new", "rows_per_slot", "timeout", "budget"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     backend = jax.default_backend()
@@ -112,9 +116,11 @@ def _bench(args) -> int:
 
         table = ["| run | rate | slot use | step ms | roofline share | KV |",
                  "| --- | --- | --- | --- | --- | --- |"]
-        failed = 0
+        failed, start = 0, time.monotonic()
         for label, argv in runs(args, backend, lengths_file):
-            result = run_one(argv, args.timeout)
+            left = int(args.budget - (time.monotonic() - start))
+            result = (run_one(argv, min(args.timeout, left)) if left >= 10 else
+                      {"error": f"skipped: the {args.budget} s budget is spent"})
             print(json.dumps({"run": label, **result}), flush=True)
             table.append(row(label, result))
             failed += "error" in result
