@@ -162,11 +162,29 @@ def test_broken_page_table_is_caught(tiny, work, dense, monkeypatch):
     assert tokens(run(sampler(tiny, "paged"), work, SAMPLED)) != tokens(dense["sampled"])
 
 
-def test_paged_sharded(tiny, work, dense):
-    """8 CPU devices (slots over data, heads over tensor): the single-device dense tokens."""
-    for shape in [(8, 1, 1), (2, 1, 4)]:
+def test_paged_sharded(tiny, work, dense, caplog):
+    """8 CPU devices (slots over data, heads over tensor): the single-device dense tokens, and
+    a warning that the pool is held whole on each device the slots are split over."""
+    for shape, shards in [((8, 1, 1), 8), ((2, 1, 4), 2)]:
+        caplog.clear()
         s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(*shape)))
+        assert f"held whole on each of the {shards} devices" in caplog.text
         assert tokens(run(s, work, SAMPLED)) == tokens(dense["sampled"])
+
+
+def test_auto_is_dense_where_slots_are_split(monkeypatch):
+    """'auto': paged on one accelerator device, dense on CPU and wherever the slots are split
+    over devices (the pool would be held whole on each: `shards` x the memory)."""
+    assert S.row_shards(None, 8) == 1
+    assert S.row_shards(make_mesh(MeshConfig(8, 1, 1)), 8) == 8
+    assert S.row_shards(make_mesh(MeshConfig(2, 1, 4)), 8) == 2
+    assert S.row_shards(make_mesh(MeshConfig(1, 8, 1)), 8) == 8  # fsdp splits rows too
+    assert S.row_shards(make_mesh(MeshConfig(8, 1, 1)), 5) == 1  # 5 rows do not split
+    assert S.resolve_attention("auto") == "dense"  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert S.resolve_attention("auto") == "paged"
+    assert S.resolve_attention("auto", shards=4) == "dense"
+    assert S.resolve_attention("paged", shards=4) == "paged"  # asked for: kept (with a warning)
 
 
 def test_paged_early_stop_and_new_weights(tiny, work):

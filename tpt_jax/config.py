@@ -81,7 +81,8 @@ class ThinkConfig:
     # Decode KV cache: "dense" (each slot reserves prompt + max_new_tokens columns), "paged"
     # (rows take pages as they grow; attention reads only the pages a chunk reaches), "pallas"
     # (paged, read by JAX's Pallas GPU kernel; GPU only), "auto" (dense on CPU, so its figures
-    # stay; paged on GPU/TPU).
+    # stay; paged on a GPU/TPU when the slots sit on one device, dense where the mesh splits
+    # them: the pool is held whole on each device).
     attention: str = "auto"
     # paged: the page pool (None: every slot at its longest). Rows are held by their live
     # pages, so with a budget think.batch_size (the slots) may exceed what it holds at full

@@ -34,7 +34,7 @@ from tpt_jax.engine.scheduler import Scheduler
 from tpt_jax.engine.static import run_static
 from tpt_jax.gemma import model as M
 from tpt_jax.gemma.attention import CACHE_BLOCK
-from tpt_jax.gemma.sharding import SAMPLE_RULES
+from tpt_jax.gemma.sharding import SAMPLE_RULES, logical_to_spec, mesh_axis_size
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,20 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
-def resolve_attention(name: str, interpret: bool = False) -> str:
+def row_shards(mesh, rows: int, rules=SAMPLE_RULES) -> int:
+    """Devices the decode slots are split over (the sampling layout's batch axes)."""
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("act_batch",), rules, mesh, (rows,))[0]
+    return 1 if spec is None else mesh_axis_size(mesh, spec)
+
+
+def resolve_attention(name: str, interpret: bool = False, shards: int = 1) -> str:
     """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
-    and the paged cache on accelerators; 'pallas' (the paged cache read by JAX's Pallas GPU
-    kernel) needs a GPU, or `interpret` (the kernel interpreted, for tests on CPU)."""
+    or where the slots are split over `shards` > 1 devices (the page pool is held whole on
+    each of them, so it would take `shards` x the memory), else the paged cache; 'pallas'
+    (the paged cache read by JAX's Pallas GPU kernel) needs a GPU, or `interpret` (the
+    kernel interpreted, for tests on CPU)."""
     if name not in ATTENTIONS:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
     backend = jax.default_backend()
@@ -80,7 +90,7 @@ def resolve_attention(name: str, interpret: bool = False) -> str:
         raise ConfigError(f"attention 'pallas' runs JAX's Pallas GPU paged-attention kernel, "
                           f"and this backend is {backend}: use 'paged'")
     if name == "auto":
-        return "dense" if backend == "cpu" else "paged"
+        return "dense" if backend == "cpu" or shards > 1 else "paged"
     return name
 
 
@@ -151,7 +161,12 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        self.attention = resolve_attention(attention, interpret)
+        shards = row_shards(mesh, rows, rules)
+        self.attention = resolve_attention(attention, interpret, shards)
+        if self.attention != "dense" and shards > 1:
+            log.warning("paged KV cache: the page pool is held whole on each of the %d devices "
+                        "the %d decode slots are split over (the dense cache splits them), so "
+                        "kv_cache_gb is per device", shards, rows)
         self.kv_cache_gb = kv_cache_gb
         pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
         kernel = {"pallas": "interpret" if interpret else "pallas"}.get(self.attention, "plain")

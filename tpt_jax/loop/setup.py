@@ -52,7 +52,7 @@ def setup(cfg: RunConfig, progress: bool = True) -> Setup:
     check_source_checkpoints(cfg)
     model_cfg = weights.read_hf_config(cfg.checkpoint) if cfg.checkpoint else model_preset(cfg.model)
     model = M.make_model(model_cfg, cfg.dtype, cfg.param_dtype, cfg.train.remat)
-    check_cache(model, cfg.think)
+    check_cache(model, cfg.think, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(tokenizer, model_cfg.vocab_size)
     train_q = load_split(cfg.data, "train")

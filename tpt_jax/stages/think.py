@@ -26,7 +26,8 @@ from tpt_jax.stages import answers, budget
 from tpt_jax.stages import prune as PR
 from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
-from tpt_jax.engine.sampler import PAGE_SIZE, pool_pages, prompt_buckets, resolve_attention
+from tpt_jax.engine.sampler import (PAGE_SIZE, pool_pages, prompt_buckets, resolve_attention,
+                                    row_shards)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,12 @@ def make_sampler(model, tokenizer, cfg: ThinkConfig, mesh=None, params: Any = No
     return sampler
 
 
-def check_cache(model, cfg: ThinkConfig) -> None:
-    """think.attention and think.kv_cache_gb for this model and backend: one-line errors
-    before any work (a page size that does not divide the prompt buckets, a KV budget too
-    small for one row at its longest)."""
-    pool_pages(model, resolve_attention(cfg.attention), PAGE_SIZE,
+def check_cache(model, cfg: ThinkConfig, mesh=None) -> None:
+    """think.attention and think.kv_cache_gb for this model, backend and mesh: one-line
+    errors before any work (a page size that does not divide the prompt buckets, a KV budget
+    too small for one row at its longest, a budget for a dense cache)."""
+    shards = row_shards(mesh, cfg.batch_size)
+    pool_pages(model, resolve_attention(cfg.attention, shards=shards), PAGE_SIZE,
                prompt_buckets(cfg.max_prompt_tokens), cfg.kv_cache_gb, cfg.max_new_tokens)
 
 
