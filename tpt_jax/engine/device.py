@@ -217,18 +217,15 @@ class Device:
             return {}
         out = {}
         while self.running.sum() > 1:
-            cut, steps, _ = self._plan()
-            if self._fit(min(steps, PREEMPT_BELOW)) >= min(steps, PREEMPT_BELOW):
+            at, end = self._columns()
+            steps = min(self._plan(at, end)[1], PREEMPT_BELOW)
+            if self._fit(steps, at, end) >= steps:
                 break
             r = int(np.flatnonzero(self.running)[np.argmax(self.started[self.running])])
             out[r] = int(self.grown[r, 2])
             self._free(r)
         if out:
-            mask = np.zeros(self.slots, bool)
-            mask[list(out)] = True
-            with self.rules_context():
-                self.state = self.programs["release"](self.state,
-                                                      self.put(mask, ("act_batch",)))
+            self.release(list(out))  # marks them done (their pages are already free)
         return out
 
     @staticmethod
@@ -269,11 +266,11 @@ class Device:
         """Rows a chunk may read at their whole width (the plain attention's long group)."""
         return 0 if self.kernel != "plain" else max(1, self.slots // LONG_SHARE)
 
-    def _plan(self, cut: Optional[int] = None) -> tuple[int, int, list]:
+    def _plan(self, at: dict, end: dict, cut: Optional[int] = None) -> tuple[int, int, list]:
         """The long rows (the `long_slots` needing the most columns), the smallest page bucket
         (or `cut`) that gives every other row at least MIN_STEPS more columns (or all it has
-        left), and the steps a chunk may take within it: (cut, steps, long rows)."""
-        at, end = self._columns()
+        left), and the steps a chunk may take within it: (cut, steps, long rows). `at`, `end`:
+        `_columns`."""
         need = {r: min(at[r] + MIN_STEPS, end[r]) for r in at}
         long = sorted(need, key=lambda r: (-need[r], r))[:self.long_slots()]
         short = [r for r in at if r not in long]
@@ -284,9 +281,8 @@ class Device:
         return cut, min([MAX_CHUNK] + [cut * self.page - at[r] for r in short
                                        if end[r] > cut * self.page]), long
 
-    def _fit(self, steps: int) -> int:
+    def _fit(self, steps: int, at: dict, end: dict) -> int:
         """The most steps, up to `steps`, whose pages the free list holds."""
-        at, end = self._columns()
         free = len(self.table.free)
         if self._growth(steps, at, end) <= free:
             return steps
@@ -305,9 +301,9 @@ class Device:
         """The pool with `_plan`'s page bucket and long rows, and the steps the chunk takes
         (as many as the free pages allow); each row gets the pages those steps fill."""
         t = self.table
-        cut, steps, long = self._plan(cut)
-        steps = self._fit(steps)
         at, end = self._columns()
+        cut, steps, long = self._plan(at, end, cut)
+        steps = self._fit(steps, at, end)
         if at and not steps:
             raise RuntimeError("the page pool has no page for the next step (call preempt "
                                "before decode)")

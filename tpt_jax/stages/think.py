@@ -330,7 +330,7 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                                                       [len(s) for s in shards])
     records: list[dict] = []
     used = offered = skipped = 0  # tokens drawn / slot-steps run; samples cancelled
-    preempted = [0, 0]  # rows the paged cache preempted, tokens they had drawn
+    preempted = redrawn = 0  # rows the paged cache preempted / the tokens they had drawn
     try:
         for k, (shard, is_done) in enumerate(zip(shards, done)):
             if is_done:
@@ -343,8 +343,8 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
             used += sum(c.tokens for c in calls)
             offered += sum(c.slots * c.decode_steps for c in calls)
             skipped += sum(c.cancelled for c in calls)
-            preempted[0] += sum(c.preempted for c in calls)
-            preempted[1] += sum(c.preempted_tokens for c in calls)
+            preempted += sum(c.preempted for c in calls)
+            redrawn += sum(c.preempted_tokens for c in calls)
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
                      **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
@@ -360,11 +360,11 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                  "".join(f", {v} {k.replace('_', ' ')}" for k, v in long_info.items()
                          if isinstance(v, int)),
                  f"; decode slots busy {used / offered:.0%}" if offered else "")
-        if preempted[0]:
+        if preempted:
             log.info("think: the KV page pool ran out %d times: the newest rows were started "
                      "again (%d tokens drawn twice, %.1f%% of those drawn; a larger "
-                     "think.kv_cache_gb avoids it)", preempted[0], preempted[1],
-                     100 * preempted[1] / max(used, 1))
+                     "think.kv_cache_gb avoids it)", preempted, redrawn,
+                     100 * redrawn / max(used, 1))
         if settle is not None:
             counts = collections.Counter(r["id"] for r in records).values()
             log.info("think: budget mode: %d samples, %d to %d a question; the shards sampled "
