@@ -160,6 +160,26 @@ def test_budget_check_needs_the_questions_and_a_settling_strategy():
         budget.check(dataclasses.replace(cfg, n=2, n_max=1), PRUNE, 10, "--")
 
 
+def test_a_wave_goes_to_the_questions_that_cost_fewest_tokens():
+    """Later waves equalize tokens, not samples: the unsettled question whose samples were
+    short gets its next ones first; one more than a sample's max_new_tokens above the cheapest
+    waits; settled questions and those at n_max get none; the budget caps the wave."""
+    rule = prune.StopRule(PRUNE, 1, ["1", "1", "1", "1", "1"])
+
+    def rec(answer, tokens):
+        return {"completion": f"#### {answer}", "tokens": tokens}
+
+    waves = budget.Waves(rule, n_max=3, share=10_000, max_new_tokens=10)
+    waves.add(range(5), [[rec(0, 9)], [rec(0, 2)], [rec(1, 1)], [rec(0, 13)], [rec(0, 3)]], 28)
+    assert waves.next() == [1, 4, 0]  # q2 is settled; q3 (13) > 2 + 10
+    waves.add([1, 4, 0], [[rec(0, 2)], [rec(0, 10)], [rec(0, 10)]], 22)
+    assert waves.next() == [1, 3, 4]  # q1 at 4, q3 and q4 at 13; q0 at 19 waits
+    waves.add([1], [[rec(0, 2)]], 2)
+    assert waves.next() == [3, 4, 0]  # q1 has n_max samples
+    waves.share = waves.tokens + 25  # pays for two samples at max_new_tokens
+    assert waves.next() == [3, 4]
+
+
 def test_shares_add_up_to_the_budget():
     assert budget.shares(1000, [3, 3, 2]) == [375, 375, 250]
     assert budget.shares(7, [1, 1, 1]) == [2, 2, 3]
