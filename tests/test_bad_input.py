@@ -74,6 +74,9 @@ RUN_CASES = [
     # the decode cache (found before any model is built)
     (["think.attention=paged", "think.kv_cache_gb=0.0001"],
      r"kv_cache_gb=0\.0001 holds \d+ pages of 16 tokens, but one row at its longest"),
+    (["think.attention=paged", "think.kv_cache_share=0.5"],
+     r"kv_cache_share needs a backend that reports its free memory \(GPU, TPU\), and this "
+     r"one is cpu"),
     (["think.attention=pallas"], r"attention 'pallas' runs JAX's Pallas GPU paged-attention "
                                  r"kernel, and this backend is cpu"),
     (["tokenizer=@HF300"], r"has 300 tokens but model\.vocab_size is 256"),

@@ -65,6 +65,8 @@ BAD_CONFIGS = [
     ("rounds: -1\n", r"rounds must be >= 0"),
     ("think:\n  attention: flash\n", r"think\.attention must be one of auto, dense, paged, pallas"),
     ("think:\n  attention: dense\n  kv_cache_gb: 2\n", r"kv_cache_gb .*needs think\.attention"),
+    ("think:\n  kv_cache_share: 1.5\n", r"think\.kv_cache_share must be in \(0, 1\)"),
+    ("think:\n  kv_cache_share: 0.5\n  kv_cache_gb: 2\n", r"kv_cache_share .*no think\.kv_cache_gb"),
     ("init_from: scratch\n", r"init_from must be 'previous' or 'base'"),
     ("model: gemma3-1b\n", r"model: unknown preset 'gemma3-1b'"),
     ("dtype: float16\n", r"dtype must be float32 or bfloat16"),

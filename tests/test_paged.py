@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tpt_jax.config import ConfigError, MeshConfig
+from tpt_jax.engine import paged
 from tpt_jax.engine import sampler as S
 from tpt_jax.engine.pages import PageTable
 from tpt_jax.engine.sampling import SamplingConfig
@@ -255,11 +256,38 @@ def test_bad_settings(tiny):
         s.generate([[2, 3]], SAMPLED)
 
 
+def test_pool_from_a_share_of_free_memory(tiny, work, dense, monkeypatch):
+    """kv_cache_share sizes the pool from the devices' free memory when the sampler first
+    samples, keeps it for later calls, and gives the dense tokens; too small a share, a dense
+    cache, both budgets and a backend that does not report memory are one-line errors."""
+    with pytest.raises(ConfigError, match="needs a backend that reports its free memory .* cpu"):
+        sampler(tiny, "paged", kv_cache_share=0.5)
+    free = [0.00024]  # GB: 240,000 bytes; half of it holds 14 pages, one row at its longest 13
+    monkeypatch.setattr(S, "free_memory_gb", lambda mesh=None: free[0])
+    s = sampler(tiny, "paged", kv_cache_share=0.5)
+    assert s.device.pages is None  # not measured before the first call
+    got = run(s, work, SAMPLED)
+    page = paged.pool_bytes(tiny[0].cfg, 1, 4, tiny[0].dtype)
+    assert s.device.pages == int(0.5 * 240_000 // page) < 5 * 13
+    assert tokens(got) == tokens(dense["sampled"])
+    free[0] = 1.0  # freed memory later does not resize the pool
+    run(s, work, SAMPLED)
+    assert s.device.pages == int(0.5 * 240_000 // page)
+    free[0] = 0.00024
+    with pytest.raises(ConfigError, match="kv_cache_share=0.01 of 0.00 GB free holds 0 pages"):
+        sampler(tiny, "paged", kv_cache_share=0.01).generate([[2, 3]], SAMPLED)
+    for kw, match in ((dict(kv_cache_share=1.0), r"must be in \(0, 1\), got 1.0"),
+                      (dict(kv_cache_share=0.5, kv_cache_gb=1.0), "set one")):
+        with pytest.raises(ConfigError, match=match):
+            sampler(tiny, "paged", **kw)
+    with pytest.raises(ConfigError, match="the cache here is dense"):
+        sampler(tiny, "dense", kv_cache_share=0.5)
+
+
 def test_pallas_kernel_interpreted(tiny, work, dense, monkeypatch):
     """JAX's Pallas GPU paged-attention kernel, interpreted on CPU, on the global layers (the
     window of 8 bites on local ones, which take the plain path): the dense tokens, logits
     within float rounding."""
-    from tpt_jax.engine import paged
     calls = []
     kernel = paged.kernel_attention
     monkeypatch.setattr(paged, "kernel_attention",

@@ -88,6 +88,9 @@ class ThinkConfig:
     # pages, so with a budget think.batch_size (the slots) may exceed what it holds at full
     # length: when running rows outgrow it, the newest is preempted and started again.
     kv_cache_gb: Optional[float] = None
+    # paged, instead of kv_cache_gb: the pool takes this share of each device's free memory,
+    # measured when the sampler first samples (its weights placed); GPU and TPU only.
+    kv_cache_share: Optional[float] = None
     # Budget mode (tpt_jax/stages/budget.py), both or neither: after think.n samples of every
     # question, the questions Prune's rule has not settled (first-correct, max-k) get one more
     # sample a wave, up to n_max each, while the round's budget of decoded tokens lasts.
@@ -290,6 +293,11 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if t.kv_cache_gb is not None and (t.attention == "dense" or t.kv_cache_gb <= 0):
         raise ConfigError(f"think.kv_cache_gb must be > 0 and needs think.attention paged, "
                           f"pallas or auto, got {t.kv_cache_gb} with {t.attention}")
+    if t.kv_cache_share is not None and (t.attention == "dense" or not 0 < t.kv_cache_share < 1
+                                         or t.kv_cache_gb is not None):
+        raise ConfigError(f"think.kv_cache_share must be in (0, 1), needs think.attention paged, "
+                          f"pallas or auto and no think.kv_cache_gb, got {t.kv_cache_share} with "
+                          f"{t.attention} and kv_cache_gb {t.kv_cache_gb}")
     if any(not isinstance(s, str) or not s for s in t.stop):
         raise ConfigError(f"think.stop must be a list of non-empty strings, got {t.stop!r}")
     validate_budget(t)

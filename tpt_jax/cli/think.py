@@ -8,9 +8,10 @@ import jax
 
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
-from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError, validate_budget
+from tpt_jax.config import (ATTENTIONS, ConfigError, PruneConfig, ThinkConfig, TptError,
+                             validate_budget)
 from tpt_jax.stages import budget
-from tpt_jax.stages.think import sampling_config, think
+from tpt_jax.stages.think import check_cache, sampling_config, think
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ def add_cli(parser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--attention", default=d.attention, choices=list(ATTENTIONS),
+                        help="decode KV cache (think.attention; auto: paged on a GPU/TPU)")
+    parser.add_argument("--kv-cache-gb", type=float, help="paged: the page pool's GB a device")
+    parser.add_argument("--kv-cache-share", type=float,
+                        help="paged: the page pool's share of each device's free memory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,7 +90,9 @@ def _cli(args) -> int:
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                       batch_size=args.batch_size, stop=list(args.stop),
                       shard_size=args.shard_size, seed=args.seed, long_prompts=args.long_prompts,
-                      n_max=args.n_max, budget_tokens=args.budget_tokens)
+                      n_max=args.n_max, budget_tokens=args.budget_tokens,
+                      attention=args.attention, kv_cache_gb=args.kv_cache_gb,
+                      kv_cache_share=args.kv_cache_share)
     for name in ("n", "max_new_tokens", "max_prompt_tokens", "batch_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -111,6 +119,7 @@ def _cli(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     model, params = _load_model(args, mesh)
     check_vocab(tokenizer, model.cfg.vocab_size)
+    check_cache(model, cfg, mesh)
     source = args.source or (args.checkpoint.rstrip("/").split("/")[-1] if args.checkpoint
                              else args.model)
     recs = think(params, model, tokenizer, questions, cfg, args.out, mesh,

@@ -98,11 +98,12 @@ PAGE_SIZE = 16  # paged cache: columns a page holds
 
 
 def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int],
-               kv_cache_gb: Optional[float], max_new_tokens: Optional[int] = None
-               ) -> Optional[int]:
+               kv_cache_gb: Optional[float], max_new_tokens: Optional[int] = None,
+               what: Optional[str] = None) -> Optional[int]:
     """Pages of the paged pool from the KV budget (None: dense, or every slot at its
     longest), or a one-line error: a budget without a paged cache, a page size that does not
-    divide the cache's blocks, a budget that cannot hold one row at its longest."""
+    divide the cache's blocks, a budget (`what` names it) that cannot hold one row at its
+    longest."""
     if attention == "dense":
         if kv_cache_gb is not None:
             raise ConfigError("kv_cache_gb sizes the paged cache: set attention to 'paged'")
@@ -119,9 +120,43 @@ def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int
     # (a row's pages hold its own prompt; the longest prompt fills the largest bucket)
     if pages < need:
         raise ConfigError(
-            f"kv_cache_gb={kv_cache_gb} holds {pages} pages of {page} tokens, but one row at "
-            f"its longest ({buckets[-1]} prompt + {max_new_tokens} new tokens) needs {need}")
+            f"{what or f'kv_cache_gb={kv_cache_gb}'} holds {pages} pages of {page} tokens, but "
+            f"one row at its longest ({buckets[-1]} prompt + {max_new_tokens} new tokens) "
+            f"needs {need}")
     return pages
+
+
+def free_memory_gb(mesh=None) -> Optional[float]:
+    """The least free memory (GB) among this process's sampling devices, the same on every
+    process (their page tables must agree); None where the backend does not report it (CPU)."""
+    devices = (jax.local_devices() if mesh is None else
+               [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    stats = [d.memory_stats() for d in devices]
+    if not stats or any(not s or "bytes_limit" not in s for s in stats):
+        return None
+    free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+    return free / 1e9
+
+
+def check_share(attention: str, share: Optional[float], kv_cache_gb: Optional[float],
+                mesh=None) -> None:
+    """One-line errors for a KV budget given as a share of free device memory: out of (0, 1),
+    beside kv_cache_gb, for a dense cache, or on a backend that does not report its memory."""
+    if share is None:
+        return
+    if not 0 < share < 1:
+        raise ConfigError(f"kv_cache_share must be in (0, 1), got {share}")
+    if kv_cache_gb is not None:
+        raise ConfigError("kv_cache_share and kv_cache_gb both size the page pool: set one")
+    if attention == "dense":
+        raise ConfigError("kv_cache_share sizes the paged cache, and the cache here is dense: "
+                          "set attention to 'paged'")
+    if free_memory_gb(mesh) is None:
+        raise ConfigError(f"kv_cache_share needs a backend that reports its free memory (GPU, "
+                          f"TPU), and this one is {jax.default_backend()}: set kv_cache_gb")
 
 
 def stable_hash(text: str) -> int:
@@ -150,7 +185,8 @@ class Sampler:
                  eos_id: Optional[int | Sequence[int]] = 1, pad_id: int = 0,
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
                  refill_at: Optional[int] = None, attention: str = "dense", page_size: int = PAGE_SIZE,
-                 kv_cache_gb: Optional[float] = None, interpret: bool = False):
+                 kv_cache_gb: Optional[float] = None, kv_cache_share: Optional[float] = None,
+                 interpret: bool = False):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
         self.model, self.rows = model, rows
@@ -167,7 +203,8 @@ class Sampler:
             log.warning("paged KV cache: the page pool is held whole on each of the %d devices "
                         "the %d decode slots are split over (the dense cache splits them), so "
                         "kv_cache_gb is per device", shards, rows)
-        self.kv_cache_gb = kv_cache_gb
+        check_share(self.attention, kv_cache_share, kv_cache_gb, mesh)
+        self.mesh, self.kv_cache_gb, self.kv_cache_share = mesh, kv_cache_gb, kv_cache_share
         pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
         kernel = {"pallas": "interpret" if interpret else "pallas"}.get(self.attention, "plain")
         self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
@@ -180,6 +217,22 @@ class Sampler:
         """One-line error when the KV budget cannot hold one row at its longest."""
         pool_pages(self.model, self.attention, self.device.page, self.buckets,
                    self.kv_cache_gb, max_new_tokens)
+
+    def size_pool(self, max_new_tokens: int) -> None:
+        """A budget given as kv_cache_share becomes the pool's pages the first time the
+        sampler samples: its weights are on the devices by then, and the pool, once allocated,
+        is kept for later calls."""
+        if self.kv_cache_share is None or self.kv_cache_gb is not None:
+            return
+        free = free_memory_gb(self.mesh)
+        gb = self.kv_cache_share * free
+        self.device.pages = pool_pages(
+            self.model, self.attention, self.device.page, self.buckets, gb, max_new_tokens,
+            what=f"kv_cache_share={self.kv_cache_share} of {free:.2f} GB free")
+        self.kv_cache_gb = gb
+        log.info("paged KV cache: kv_cache_share=%s of %.2f GB free memory a device: %.2f GB, "
+                 "%d pages of %d tokens", self.kv_cache_share, free, gb, self.device.pages,
+                 self.device.page)
 
     def update_params(self, params: Any) -> bool:
         """Sample from `params` from now on: copied into the existing sampling buffers (the
@@ -248,6 +301,7 @@ class Sampler:
         if len(ids) != len(prompts):
             raise ValueError("ids and prompts differ in length")
         cap = sampling.validate().max_new_tokens
+        self.size_pool(cap)
         self.check_kv(cap)
         limits = [cap] * len(prompts) if max_new_tokens is None else [int(x) for x in max_new_tokens]
         if len(limits) != len(prompts):

@@ -26,8 +26,8 @@ from tpt_jax.stages import answers, budget
 from tpt_jax.stages import prune as PR
 from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
-from tpt_jax.engine.sampler import (PAGE_SIZE, pool_pages, prompt_buckets, resolve_attention,
-                                    row_shards)
+from tpt_jax.engine.sampler import (PAGE_SIZE, check_share, pool_pages, prompt_buckets,
+                                    resolve_attention, row_shards)
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,21 @@ def make_sampler(model, tokenizer, cfg: ThinkConfig, mesh=None, params: Any = No
     sampler = Sampler(model, params, mesh, rows=cfg.batch_size,
                       max_prompt_tokens=cfg.max_prompt_tokens, eos_id=tokenizer.eos_id,
                       pad_id=tokenizer.pad_id, attention=cfg.attention,
-                      kv_cache_gb=cfg.kv_cache_gb)
+                      kv_cache_gb=cfg.kv_cache_gb, kv_cache_share=cfg.kv_cache_share)
     sampler.check_kv(cfg.max_new_tokens)
     return sampler
 
 
 def check_cache(model, cfg: ThinkConfig, mesh=None) -> None:
-    """think.attention and think.kv_cache_gb for this model, backend and mesh: one-line
-    errors before any work (a page size that does not divide the prompt buckets, a KV budget
-    too small for one row at its longest, a budget for a dense cache)."""
+    """think.attention, think.kv_cache_gb and think.kv_cache_share for this model, backend
+    and mesh: one-line errors before any work (a page size that does not divide the prompt
+    buckets, a KV budget too small for one row at its longest, a budget for a dense cache, a
+    share of free memory on a backend that does not report it)."""
     shards = row_shards(mesh, cfg.batch_size)
-    pool_pages(model, resolve_attention(cfg.attention, shards=shards), PAGE_SIZE,
-               prompt_buckets(cfg.max_prompt_tokens), cfg.kv_cache_gb, cfg.max_new_tokens)
+    attention = resolve_attention(cfg.attention, shards=shards)
+    check_share(attention, cfg.kv_cache_share, cfg.kv_cache_gb, mesh)
+    pool_pages(model, attention, PAGE_SIZE, prompt_buckets(cfg.max_prompt_tokens),
+               cfg.kv_cache_gb, cfg.max_new_tokens)
 
 
 class Samplers:
