@@ -93,7 +93,8 @@ class ThinkConfig:
     kv_cache_share: Optional[float] = None
     # Budget mode (tpt_jax/stages/budget.py), both or neither: after think.n samples of every
     # question, the questions Prune's rule has not settled (first-correct, max-k) get one more
-    # sample a wave, up to n_max each, while the round's budget of decoded tokens lasts.
+    # sample a wave, those whose samples cost the fewest tokens first, up to n_max each, while
+    # the round's budget of decoded tokens lasts.
     n_max: Optional[int] = None
     budget_tokens: Optional[int] = None
 
