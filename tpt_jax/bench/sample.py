@@ -73,6 +73,9 @@ def add_bench_cli(parser) -> None:
                              "paged on one accelerator device)")
     parser.add_argument("--kv-cache-gb", type=float, default=None,
                         help="paged: the page pool's size (default: every slot at its longest)")
+    parser.add_argument("--kv-cache-share", type=float, default=None,
+                        help="paged, instead of --kv-cache-gb: the pool's share of each "
+                             "device's free memory (GPU, TPU)")
     parser.set_defaults(func=_bench)
 
 
@@ -156,7 +159,8 @@ def _bench(args) -> int:
     params = M.init_params(model, jax.random.key(0), mesh, SAMPLE_RULES)
     rows = args.batch if lengths else args.batch * args.n
     sampler = Sampler(model, params, mesh, rows=rows, buckets=(args.prompt,), eos_id=None,
-                      attention=args.attention, kv_cache_gb=args.kv_cache_gb)
+                      attention=args.attention, kv_cache_gb=args.kv_cache_gb,
+                      kv_cache_share=args.kv_cache_share)
     rng = np.random.default_rng(0)
     count = len(lengths) if lengths else args.batch
     prompts = [[2] + rng.integers(3, cfg.vocab_size, size=args.prompt - 1).tolist()
