@@ -63,6 +63,7 @@ BAD_CONFIGS = [
     ("train:\n  pack: yes please\n", r"config\.train\.pack: expected true/false"),
     ("train:\n  batch_size: 0\n", r"train\.batch_size"),
     ("rounds: -1\n", r"rounds must be >= 0"),
+    ('"bad\\nkey": 1\n', r"unknown config key config\.'bad\\nkey'; valid keys"),
     ("think:\n  attention: flash\n", r"think\.attention must be one of auto, dense, paged, pallas"),
     ("think:\n  attention: dense\n  kv_cache_gb: 2\n", r"kv_cache_gb .*needs think\.attention"),
     ("think:\n  kv_cache_share: 1.5\n", r"think\.kv_cache_share must be in \(0, 1\)"),

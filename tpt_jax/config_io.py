@@ -88,7 +88,8 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]}; valid keys in {where}: "
+        key = unknown[0] if str(unknown[0]).isprintable() else repr(unknown[0])
+        raise ConfigError(f"unknown config key {where}.{key}; valid keys in {where}: "
                           f"{', '.join(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
