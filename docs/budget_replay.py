@@ -24,10 +24,8 @@ class EqualSamples(budget.Waves):
     """The order before: every unsettled question's next sample, fewest samples first."""
 
     def next(self):
-        open_ = [q for q, gold in enumerate(self.rule.golds) if gold is not None and
-                 self.found[q] < self.rule.cap and len(self.drawn[q]) < self.n_max]
-        afford = max(0, (self.share - self.tokens) // self.max_new_tokens)
-        return sorted(open_, key=lambda q: (len(self.drawn[q]), q))[:afford]
+        return sorted(self.open_questions(),
+                      key=lambda q: (len(self.drawn[q]), q))[:self.affordable()]
 
 
 def replay(kind, rule, samples, n_max, budget_tokens, max_new):

@@ -7,8 +7,9 @@ far, up to think.n_max, and only as many as the budget left could pay for if eve
 to max_new_tokens: the budget is never exceeded. Tokens, not samples, are what a question is
 given an equal share of: a question whose samples are short is cheap to sample again and, on
 reasoning tasks, more often within reach, so the budget buys more coverage there (on the CPU
-task, +5.4 points over uniform n=4 in round 1 where equal samples gave +2.7; docs/budget.md). Sample j of a question is the sample a uniform run draws at index j
-(the engine's `first_sample`), a wave depends only on the samples before it, and each shard
+task, +5.5 points over uniform n=4 in round 1 where equal samples gave +2.7; docs/budget.md).
+Sample j of a question is the sample a uniform run draws at index j (the engine's
+`first_sample`), a wave depends only on the samples before it, and each shard
 spends a fixed share of the budget, so a shard's samples do not depend on what ran before it:
 a killed run samples its unfinished shard again to the same records.
 """
@@ -75,16 +76,22 @@ class Waves:
                 self.found[q] += sum(self.rule.candidate(r, gold) for r in recs)
         self.tokens += tokens
 
+    def open_questions(self) -> list[int]:
+        """Unsettled questions under n_max (a question Prune keeps nothing for never is)."""
+        return [q for q, gold in enumerate(self.rule.golds) if gold is not None and
+                self.found[q] < self.rule.cap and len(self.drawn[q]) < self.n_max]
+
+    def affordable(self) -> int:
+        """Samples the budget left pays for at max_new_tokens a sample."""
+        return max(0, (self.share - self.tokens) // self.max_new_tokens)
+
     def next(self) -> list[int]:
-        """The next wave's questions, one sample each: unsettled ones (a question Prune keeps
-        nothing for never is) under n_max whose samples have cost at most one sample's
-        max_new_tokens more than the cheapest such question's, cheapest first, then in shard
-        order, as many as the budget left pays for at max_new_tokens a sample."""
-        open_ = [q for q, gold in enumerate(self.rule.golds) if gold is not None and
-                 self.found[q] < self.rule.cap and len(self.drawn[q]) < self.n_max]
+        """The next wave's questions, one sample each: the open ones whose samples have cost
+        at most one sample's max_new_tokens more than the cheapest open question's, cheapest
+        first, then in shard order, as many as the budget left pays for."""
+        open_ = self.open_questions()
         if not open_:
             return []
         level = min(self.cost[q] for q in open_) + self.max_new_tokens
-        afford = max(0, (self.share - self.tokens) // self.max_new_tokens)
         wave = sorted((q for q in open_ if self.cost[q] <= level), key=lambda q: (self.cost[q], q))
-        return wave[:afford]
+        return wave[:self.affordable()]
