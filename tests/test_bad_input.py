@@ -77,8 +77,8 @@ RUN_CASES = [
     (["think.attention=paged", "think.kv_cache_share=0.5"],
      r"kv_cache_share needs a backend that reports its free memory \(GPU, TPU\), and this "
      r"one is cpu"),
-    (["think.attention=pallas"], r"attention 'pallas' runs JAX's Pallas GPU paged-attention "
-                                 r"kernel, and this backend is cpu"),
+    (["think.attention=pallas"], r"attention 'pallas' runs JAX's Pallas paged-attention "
+                                 r"kernel \(GPU or TPU\), and this backend is cpu"),
     (["tokenizer=@HF300"], r"has 300 tokens but model\.vocab_size is 256"),
     (["data.source=jsonl", "data.train_path=@BAD", "data.test_path=@BAD"],
      r"no usable|no questions|no records"),

@@ -244,8 +244,11 @@ def test_long_rows_cross_page_buckets(tiny):
 def test_bad_settings(tiny):
     with pytest.raises(ConfigError, match="page size 24 does not divide the cache's blocks"):
         sampler(tiny, "paged", page_size=24)
-    with pytest.raises(ConfigError, match="attention 'pallas' runs JAX's Pallas GPU"):
+    with pytest.raises(ConfigError, match="attention 'pallas' runs JAX's Pallas paged-attention "
+                                          "kernel .GPU or TPU., and this backend is cpu"):
         sampler(tiny, "pallas")
+    with pytest.raises(ConfigError, match="interpret must be one of gpu, tpu, got 'cuda'"):
+        sampler(tiny, "pallas", interpret="cuda")
     with pytest.raises(ConfigError, match="attention must be one of"):
         sampler(tiny, "flash")
     with pytest.raises(ConfigError, match="kv_cache_gb sizes the paged cache"):
@@ -284,20 +287,47 @@ def test_pool_from_a_share_of_free_memory(tiny, work, dense, monkeypatch):
         sampler(tiny, "dense", kv_cache_share=0.5)
 
 
-def test_pallas_kernel_interpreted(tiny, work, dense, monkeypatch):
+def test_pallas_gpu_kernel_interpreted(tiny, work, dense, monkeypatch):
     """JAX's Pallas GPU paged-attention kernel, interpreted on CPU, on the global layers (the
-    window of 8 bites on local ones, which take the plain path): the dense tokens, logits
-    within float rounding."""
-    calls = []
-    kernel = paged.kernel_attention
-    monkeypatch.setattr(paged, "kernel_attention",
-                        lambda *a: calls.append(a[-1]) or kernel(*a))
-    got = run(sampler(tiny, "pallas", interpret=True), work, SAMPLED, return_logits=True)
+    window of 8 bites on local ones, which take the plain path): f32 throughout, so the dense
+    tokens, logits within float rounding."""
+    got, calls = kernel_run(tiny, work, SAMPLED, "gpu", monkeypatch)
     assert tokens(got) == tokens(dense["sampled"])
     for r, w in zip(got, dense["sampled"]):
         for a, b in zip(r, w):
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
-    assert calls and all(calls)  # traced, interpreted
+    assert calls and set(calls) == {"gpu-interpret"}  # traced, interpreted
+
+
+def test_pallas_tpu_kernel_interpreted(tiny, work, dense, monkeypatch):
+    """JAX's Pallas TPU paged-attention kernel, interpreted on CPU: the interpreter rounds
+    matmul operands to bf16 as the TPU's matrix unit does, so the check is bf16's: greedy
+    tokens are the dense ones, and every sampled step up to a sample's first different token
+    has logits within 1% of the step's largest (a wrong page or length is off by far more)."""
+    got, calls = kernel_run(tiny, work, GREEDY, "tpu", monkeypatch)
+    assert tokens(got) == tokens(dense["greedy"])
+    assert calls and set(calls) == {"tpu-interpret"}
+    got, _ = kernel_run(tiny, work, SAMPLED, "tpu", monkeypatch)
+    same = 0
+    for r, w in zip(got, dense["sampled"]):
+        for a, b in zip(r, w):
+            same += a.tokens == b.tokens
+            first = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y),
+                         len(b.tokens) - 1)
+            want = np.asarray(b.logits)[:first + 1]
+            err = np.abs(np.asarray(a.logits)[:first + 1] - want).max(axis=-1)
+            assert (err <= 0.01 * np.abs(want).max(axis=-1)).all()
+    assert same >= 0.8 * len(work[0]) * 3  # most samples never meet a near-tie
+
+
+def kernel_run(tiny, work, sampling, platform, monkeypatch):
+    """The work sampled with `platform`'s kernel interpreted, and the kernels traced."""
+    calls = []
+    kernel = paged.kernel_attention
+    monkeypatch.setattr(paged, "kernel_attention",
+                        lambda *a: calls.append(a[-1]) or kernel(*a))
+    got = run(sampler(tiny, "pallas", interpret=platform), work, sampling, return_logits=True)
+    return got, calls
 
 
 @pytest.mark.parametrize("preset", ["test-llama-tiny", "test-qwen-tiny"])

@@ -80,7 +80,7 @@ class ThinkConfig:
     stop_when_selected: bool = True
     # Decode KV cache: "dense" (each slot reserves prompt + max_new_tokens columns), "paged"
     # (rows take pages as they grow; attention reads only the pages a chunk reaches), "pallas"
-    # (paged, read by JAX's Pallas GPU kernel; GPU only), "auto" (dense on CPU, so its figures
+    # (paged, read by JAX's Pallas paged-attention kernel; GPU or TPU only), "auto" (dense on CPU, so its figures
     # stay; paged on a GPU/TPU when the slots sit on one device, dense where the mesh splits
     # them: the pool is held whole on each device).
     attention: str = "auto"

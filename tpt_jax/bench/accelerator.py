@@ -5,7 +5,7 @@ It runs `tpt bench sample` and `tpt bench train` in subprocesses (each with its 
 and a time limit, so one failing or slow run leaves the others): uniform decode, then ragged
 Think at each `--slots` with `--rows-per-slot` rows a slot in file order (lengths from
 GSM8K's training solutions, `gsm8k_lengths.json`, clipped to `--max-new`), on each decode
-cache (dense, paged, and on a GPU the Pallas kernel), then one train step setting. The
+cache (dense, paged, and on a GPU or TPU the Pallas kernel), then one train step setting. The
 defaults (gemma2-2b, bf16) are sized to fit 8 minutes on a lent H200 from the earlier
 figures there; each run is capped by `--timeout` and the whole by `--budget` (later runs are
 skipped, with a row saying so). They have not run on one yet.
@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
 from tpt_jax.config import ConfigError
+from tpt_jax.engine.paged import KERNEL_PLATFORMS
 from tpt_jax.gemma.config import MODEL_PRESETS
 
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_lengths.json")
@@ -34,7 +36,7 @@ def add_bench_cli(parser) -> None:
                         help="ragged rows a slot (a real round has many more)")
     parser.add_argument("--attention", default=None,
                         help="decode caches, comma-separated (default: dense,paged and, on a "
-                             "GPU, pallas)")
+                             "GPU or TPU, pallas)")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq", type=int, default=1024)
     parser.add_argument("--timeout", type=int, default=240, help="seconds a run may take")
@@ -56,7 +58,7 @@ def runs(args, backend: str, lengths_file) -> list[tuple[str, list[str]]]:
     """(label, `tpt bench` arguments) of every run, in order."""
     slots = [int(s) for s in args.slots.split(",")]
     caches = (args.attention.split(",") if args.attention else
-              ["dense", "paged"] + (["pallas"] if backend == "gpu" else []))
+              ["dense", "paged"] + (["pallas"] if backend in KERNEL_PLATFORMS else []))
     common = ["--shape", args.shape, "--dtype", args.dtype, "--prompt", str(args.prompt)]
     out = [("uniform", ["sample", *common, "--batch", str(slots[0]),
                         "--new", str(min(256, args.max_new)), "--repeats", "3"])]

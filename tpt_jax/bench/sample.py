@@ -69,7 +69,7 @@ def add_bench_cli(parser) -> None:
     parser.add_argument("--attention", default="auto",
                         choices=["auto", "dense", "paged", "pallas"],
                         help="decode cache: dense slots, or pages rows take as they grow "
-                             "(pallas: read by the Pallas GPU kernel; auto: dense on CPU, "
+                             "(pallas: read by the Pallas GPU/TPU kernel; auto: dense on CPU, "
                              "paged on one accelerator device)")
     parser.add_argument("--kv-cache-gb", type=float, default=None,
                         help="paged: the page pool's size (default: every slot at its longest)")

@@ -11,10 +11,12 @@ slot's pages through its page table (`pages.PageTable` decides which pages a slo
   them as the dense path's `attention.cached_attention` does, kv heads leading; most rows
   read the first `short` pages (a page bucket that covers them for the chunk) and the few
   longest (`long_rows`, an eighth of the slots at most) every page, so the cost follows the
-  rows' lengths, not the longest row's; `kernel="pallas"` runs JAX's Pallas GPU
-  `paged_attention` (per-row lengths, Gemma2's soft-cap) on layers where the sliding window
-  cannot bite (global layers, or every layer while the pages read are within the window),
-  the plain path on the others.
+  rows' lengths, not the longest row's; `kernel="gpu"` / `"tpu"` runs JAX's Pallas
+  `paged_attention` for that platform (each row reads only its own pages; per-row lengths,
+  Gemma2's soft-cap; the pool's layout is the one both kernels take) on layers where the
+  sliding window cannot bite (global layers, or every layer while the pages read are within
+  the window), the plain path on the others. `"gpu-interpret"` / `"tpu-interpret"` run the
+  same kernels interpreted on CPU (the tests).
 
 A row's prompt sits at columns [0, prompt length) of its pages (the dense cache left-pads it
 to its bucket; `programs.insert_paged` shifts it), so column c holds position c: what the
@@ -22,6 +24,7 @@ kernel's per-row lengths assume, and a row takes pages for its own prompt, not i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -37,7 +40,8 @@ from tpt_jax.gemma.sharding import constrain, logical_to_spec
 Array = jax.Array
 
 POOL_AXES = ("cache_kv_heads", None, None, "head_dim")
-KERNELS = ("plain", "pallas", "interpret")  # interpret: the Pallas kernel on CPU (tests)
+KERNEL_PLATFORMS = ("gpu", "tpu")  # where JAX has a Pallas paged-attention kernel
+KERNELS = ("plain", *KERNEL_PLATFORMS, *(f"{p}-interpret" for p in KERNEL_PLATFORMS))
 
 
 def init_pool(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> tuple:
@@ -63,18 +67,31 @@ def pool_bytes(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> int:
 
 
 def kernel_attention(q: Array, k_pool: Array, v_pool: Array, table: Array, lengths: Array,
-                     cfg: ModelConfig, interpret: bool) -> Array:
-    """JAX's Pallas GPU paged attention: q [B, 1, N, H] (scaled) over each row's first
-    `lengths` columns -> [B, 1, N, H]. Its splits must divide the page table."""
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+                     cfg: ModelConfig, kernel: str) -> Array:
+    """JAX's Pallas paged attention of `kernel`'s platform: q [B, 1, N, H] (scaled) over each
+    row's first `lengths` columns -> [B, 1, N, H]. Its blocks of pages must divide the page
+    table; entries past a row's pages must still name a page."""
+    platform, _, how = kernel.partition("-")
     B, _, N, H = q.shape
     P = table.shape[1]
-    splits = math.gcd(P, 16)
-    out = paged_attention(q[:, 0], k_pool.astype(q.dtype), v_pool.astype(q.dtype),
-                          jnp.minimum(table, k_pool.shape[1] - 1), lengths.astype(jnp.int32),
-                          k_splits=splits, pages_per_compute_block=math.gcd(P // splits, 8),
-                          attn_logits_soft_cap=cfg.attn_logit_softcap, interpret=interpret)
-    return out.reshape(B, 1, N, H)
+    k_pool, v_pool = k_pool.astype(q.dtype), v_pool.astype(q.dtype)
+    table, lengths = jnp.minimum(table, k_pool.shape[1] - 1), lengths.astype(jnp.int32)
+    cap = cfg.attn_logit_softcap
+    if platform == "gpu":
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+        splits = math.gcd(P, 16)
+        out = paged_attention(q[:, 0], k_pool, v_pool, table, lengths, k_splits=splits,
+                              pages_per_compute_block=math.gcd(P // splits, 8),
+                              attn_logits_soft_cap=cap, interpret=how == "interpret")
+    else:
+        from jax.experimental.pallas import tpu as pltpu
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+        interpret = pltpu.force_tpu_interpret_mode() if how else contextlib.nullcontext()
+        with interpret:  # applies to the kernels traced inside
+            out = paged_attention(q[:, 0], k_pool, v_pool, lengths, table,
+                                  pages_per_compute_block=math.gcd(P, 8),
+                                  attn_logits_soft_cap=cap)
+    return out.astype(q.dtype).reshape(B, 1, N, H)
 
 
 @flax.struct.dataclass
@@ -98,7 +115,7 @@ class PagedView:
         if self.kernel != "plain" and (not sliding or self.short * k_pool.shape[2]
                                        <= cfg.sliding_window):
             out = kernel_attention(q, k_pool, v_pool, table, self.column + 1, cfg,
-                                   self.kernel == "interpret")
+                                   self.kernel)
             return constrain(out, A.HEADS_AXES), view
         out = plain_attention(q, k_pool, v_pool, table, self.column, positions, sliding, cfg)
         if self.long_rows.shape[0]:  # the longest rows, over every page they hold

@@ -5,7 +5,7 @@ programs, caches and sampling-layout buffers) serves a whole run.
 Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
 slot whose row ends takes the next waiting sample at once) and drives the device side
 (`device.Device`) through the narrow contract of `contract.py`. `attention="paged"`
-(or "pallas", the same cache read by JAX's Pallas GPU kernel) keeps the decode cache in pages
+(or "pallas", the same cache read by JAX's Pallas paged-attention kernel, GPU or TPU) keeps the decode cache in pages
 that rows take as they grow (`pages`, `paged`; a prompt's full pages shared by its samples):
 tokens are those of the dense cache, the attention reads only the pages a chunk can reach, and
 a KV budget (`kv_cache_gb`) holds rows by their live pages (when they outgrow it the newest is
@@ -28,7 +28,7 @@ from tpt_jax.config import ATTENTIONS, ConfigError
 from tpt_jax.engine import programs as PR
 from tpt_jax.engine.contract import Finished, Prompt, Stats
 from tpt_jax.engine.device import Device
-from tpt_jax.engine.paged import pool_bytes
+from tpt_jax.engine.paged import KERNEL_PLATFORMS, pool_bytes
 from tpt_jax.engine.sampling import SamplingConfig
 from tpt_jax.engine.scheduler import Scheduler
 from tpt_jax.engine.static import run_static
@@ -77,21 +77,32 @@ def row_shards(mesh, rows: int, rules=SAMPLE_RULES) -> int:
     return 1 if spec is None else mesh_axis_size(mesh, spec)
 
 
-def resolve_attention(name: str, interpret: bool = False, shards: int = 1) -> str:
+def resolve_attention(name: str, interpret: Optional[str] = None, shards: int = 1) -> str:
     """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
     or where the slots are split over `shards` > 1 devices (the page pool is held whole on
     each of them, so it would take `shards` x the memory), else the paged cache; 'pallas'
-    (the paged cache read by JAX's Pallas GPU kernel) needs a GPU, or `interpret` (the
-    kernel interpreted, for tests on CPU)."""
+    (the paged cache read by JAX's Pallas paged-attention kernel) needs a GPU or a TPU, or
+    `interpret` ('gpu' or 'tpu': that platform's kernel interpreted, for tests on CPU)."""
     if name not in ATTENTIONS:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {name!r}")
+    if interpret not in (None, *KERNEL_PLATFORMS):
+        raise ConfigError(f"interpret must be one of {', '.join(KERNEL_PLATFORMS)}, "
+                          f"got {interpret!r}")
     backend = jax.default_backend()
-    if name == "pallas" and backend != "gpu" and not interpret:
-        raise ConfigError(f"attention 'pallas' runs JAX's Pallas GPU paged-attention kernel, "
-                          f"and this backend is {backend}: use 'paged'")
+    if name == "pallas" and backend not in KERNEL_PLATFORMS and not interpret:
+        raise ConfigError(f"attention 'pallas' runs JAX's Pallas paged-attention kernel (GPU or "
+                          f"TPU), and this backend is {backend}: use 'paged'")
     if name == "auto":
         return "dense" if backend == "cpu" or shards > 1 else "paged"
     return name
+
+
+def decode_kernel(attention: str, interpret: Optional[str] = None) -> str:
+    """The paged decode attention's kernel (`paged.KERNELS`): the backend's Pallas kernel for
+    'pallas' (interpreted on CPU for `interpret`), else the plain-JAX path."""
+    if attention != "pallas":
+        return "plain"
+    return f"{interpret}-interpret" if interpret else jax.default_backend()
 
 
 PAGE_SIZE = 16  # paged cache: columns a page holds
@@ -186,7 +197,7 @@ class Sampler:
                  stop_tokens: Sequence[Sequence[int]] = (), rules=SAMPLE_RULES,
                  refill_at: Optional[int] = None, attention: str = "dense", page_size: int = PAGE_SIZE,
                  kv_cache_gb: Optional[float] = None, kv_cache_share: Optional[float] = None,
-                 interpret: bool = False):
+                 interpret: Optional[str] = None):
         if rows < 1:
             raise ConfigError(f"sampler rows must be >= 1, got {rows}")
         self.model, self.rows = model, rows
@@ -206,9 +217,9 @@ class Sampler:
         check_share(self.attention, kv_cache_share, kv_cache_gb, mesh)
         self.mesh, self.kv_cache_gb, self.kv_cache_share = mesh, kv_cache_gb, kv_cache_share
         pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
-        kernel = {"pallas": "interpret" if interpret else "pallas"}.get(self.attention, "plain")
         self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
-                             self.attention, page_size, pages, kernel)
+                             self.attention, page_size, pages,
+                             decode_kernel(self.attention, interpret))
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
