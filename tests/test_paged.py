@@ -85,16 +85,17 @@ def test_paged_equals_dense(tiny, work, dense, name):
 
 
 def check_pages(table: PageTable) -> None:
-    """Every page is free or held, never both; its count of holders is right; slots share a
-    page only with slots of the same prompt."""
-    holders: dict = {}
-    for r in range(len(table.held)):
-        for p in table.table[r, :table.held[r]].tolist():
-            holders.setdefault(p, []).append(table.prompt_of[r])
-    assert not set(table.free) & set(holders)
-    assert sorted(table.free + list(holders)) == list(range(table.pages))
-    for p, keys in holders.items():
-        assert table.refs[p] == len(keys) and len(set(keys)) == 1
+    """In each group of slots: every page of its pool is free or held, never both; its count
+    of holders is right; slots share a page only with slots of the same prompt."""
+    for g in range(table.shards):
+        holders: dict = {}
+        for r in range(g * table.per, (g + 1) * table.per):
+            for p in table.table[r, :table.held[r]].tolist():
+                holders.setdefault(p, []).append(table.prompt_of[r])
+        assert not set(table.free[g]) & set(holders)
+        assert sorted(table.free[g] + list(holders)) == list(range(table.pages))
+        for p, keys in holders.items():
+            assert table.refs[g, p] == len(keys) and len(set(keys)) == 1
 
 
 def run_spied(s, work, sampling, **kw):
@@ -163,19 +164,48 @@ def test_broken_page_table_is_caught(tiny, work, dense, monkeypatch):
     assert tokens(run(sampler(tiny, "paged"), work, SAMPLED)) != tokens(dense["sampled"])
 
 
-def test_paged_sharded(tiny, work, dense, caplog):
-    """8 CPU devices (slots over data, heads over tensor): the single-device dense tokens, and
-    a warning that the pool is held whole on each device the slots are split over."""
-    for shape, shards in [((8, 1, 1), 8), ((2, 1, 4), 2)]:
-        caplog.clear()
-        s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(*shape)))
-        assert f"held whole on each of the {shards} devices" in caplog.text
-        assert tokens(run(s, work, SAMPLED)) == tokens(dense["sampled"])
+@pytest.mark.parametrize("shape,shards", [((8, 1, 1), 8), ((2, 1, 4), 2), ((2, 2, 2), 4)])
+def test_paged_sharded(tiny, work, dense, shape, shards):
+    """8 CPU devices, the slots split over the data axes (heads over tensor): the pool's
+    pages are split with them (each device holds only its slots' pages, page ids within
+    it), and the tokens are the single-device dense cache's."""
+    s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(*shape)))
+    assert s.shards == shards
+    got, used, _ = run_spied(s, work, SAMPLED)
+    assert tokens(got) == tokens(dense["sampled"])
+    pool = s.device._bufs["pool"][1][0][0]  # layer 0's keys [K, pages, page, H]
+    assert {x.data.shape[1] for x in pool.addressable_shards} == {pool.shape[1] // shards}
 
 
-def test_auto_is_dense_where_slots_are_split(monkeypatch):
-    """'auto': paged on one accelerator device, dense on CPU and wherever the slots are split
-    over devices (the pool would be held whole on each: `shards` x the memory)."""
+def test_tight_sharded_pool(tiny, work, dense, monkeypatch):
+    """A pool split over 4 devices, each group of 2 slots with 16 pages (one row at its
+    longest and a little more), rows admitted with room for 4 more steps only: rows wait for
+    their group's pages or are preempted, no group ever holds more than its pages, and the
+    tokens stay."""
+    from tpt_jax.engine import device as D
+    monkeypatch.setattr(D, "MIN_STEPS", 4)
+    monkeypatch.setattr(D, "PREEMPT_BELOW", 4)
+    s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(4, 1, 2)))
+    s.device.pages = 64
+    groups = []
+    grow = PageTable.grow
+
+    def spy(table, slot, columns):
+        grow(table, slot, columns)
+        check_pages(table)
+        groups.append([table.pages - len(f) for f in table.free])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PageTable, "grow", spy)
+        got = run(s, work, SAMPLED)
+    assert tokens(got) == tokens(dense["sampled"])
+    assert max(max(g) for g in groups) <= 16 and len(groups[0]) == 4
+    assert s.stats.preempted > 0
+
+
+def test_auto_is_paged_on_accelerators(monkeypatch):
+    """'auto': paged on an accelerator (the pool split like the slots), dense on CPU; the
+    slots split over the data axes where they divide."""
     assert S.row_shards(None, 8) == 1
     assert S.row_shards(make_mesh(MeshConfig(8, 1, 1)), 8) == 8
     assert S.row_shards(make_mesh(MeshConfig(2, 1, 4)), 8) == 2
@@ -184,8 +214,7 @@ def test_auto_is_dense_where_slots_are_split(monkeypatch):
     assert S.resolve_attention("auto") == "dense"  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert S.resolve_attention("auto") == "paged"
-    assert S.resolve_attention("auto", shards=4) == "dense"
-    assert S.resolve_attention("paged", shards=4) == "paged"  # asked for: kept (with a warning)
+    assert S.resolve_attention("paged") == "paged"
 
 
 def test_paged_early_stop_and_new_weights(tiny, work):

@@ -33,8 +33,10 @@ class FakeDevice:
         self.cancelled: set = set()  # requests the test cancelled
         self.freed: set = set()  # slots of cancelled rows the last read freed
 
-    def reserve(self, index, prompt):
-        return True
+    def reserve(self, index, prompt, free):
+        """A free slot, not always the first (a paged device picks the group with room)."""
+        assert free
+        return free[len(free) // 2]
 
     def preempt(self):
         """While `preempting` says so, the newest running row gives its slot back."""

@@ -80,13 +80,14 @@ class ThinkConfig:
     stop_when_selected: bool = True
     # Decode KV cache: "dense" (each slot reserves prompt + max_new_tokens columns), "paged"
     # (rows take pages as they grow; attention reads only the pages a chunk reaches), "pallas"
-    # (paged, read by JAX's Pallas paged-attention kernel; GPU or TPU only), "auto" (dense on CPU, so its figures
-    # stay; paged on a GPU/TPU when the slots sit on one device, dense where the mesh splits
-    # them: the pool is held whole on each device).
+    # (paged, read by JAX's Pallas paged-attention kernel; GPU or TPU only), "auto" (dense on
+    # CPU, so its figures stay; paged on a GPU/TPU). Where the mesh splits the slots over
+    # devices, the page pool is split with them (each device holds its own slots' pages).
     attention: str = "auto"
-    # paged: the page pool (None: every slot at its longest). Rows are held by their live
-    # pages, so with a budget think.batch_size (the slots) may exceed what it holds at full
-    # length: when running rows outgrow it, the newest is preempted and started again.
+    # paged: the page pool, all devices together (None: every slot at its longest). Rows are
+    # held by their live pages, so with a budget think.batch_size (the slots) may exceed what
+    # it holds at full length: when running rows outgrow it, the newest is preempted and
+    # started again.
     kv_cache_gb: Optional[float] = None
     # paged, instead of kv_cache_gb: the pool takes this share of each device's free memory,
     # measured when the sampler first samples (its weights placed); GPU and TPU only.

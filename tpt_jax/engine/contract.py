@@ -100,9 +100,10 @@ class SlotDevice(Protocol):
     entries: int  # prompt-store entries
     prefill_sizes: tuple  # prompt counts a prefill is compiled for, ascending (last = entries)
 
-    def reserve(self, index: int, prompt: Prompt) -> bool:
-        """Whether a row of prompt `index` may start now (its cache room is then set aside
-        for the `insert` that follows); False: it waits for running rows to end."""
+    def reserve(self, index: int, prompt: Prompt, free: list[int]) -> Optional[int]:
+        """The slot, one of the `free` ones, a row of prompt `index` may start in now (its
+        cache room is then set aside for the `insert` that follows); None: it waits for
+        running rows to end."""
 
     def preempt(self) -> dict[int, int]:
         """Running rows that must give their cache room back for the others to go on (they

@@ -10,7 +10,11 @@ dense. A pool smaller than every slot at its longest admits rows by their live p
 when the running rows outgrow it, preempts the newest (`preempt`; the scheduler starts it again
 from scratch: its tokens depend only on seed, question and sample, so they do not change).
 Rows are data-parallel and heads tensor-parallel through the sampling rules; what the
-host reads is replicated, so every host takes the same decisions.
+host reads is replicated, so every host takes the same decisions. Where the rows are split
+over `shards` devices, the page pool is split with them: each device holds the pages of its
+own slots (`pages.PageTable` keeps a pool per group of slots), a row is admitted into the
+group with the most room (or the one already holding its prompt's pages) and preemption is
+per group.
 """
 from __future__ import annotations
 
@@ -69,12 +73,14 @@ class Device:
 
     def __init__(self, model: M.Gemma2, mesh, rules, slots: int, max_bucket: int, pad_id: int,
                  attention: str = "dense", page: int = 16, pages: Optional[int] = None,
-                 kernel: str = "plain"):
+                 kernel: str = "plain", shards: int = 1):
         self.model, self.cfg, self.mesh, self.rules = model, model.cfg, mesh, rules
         self.slots, self.max_bucket, self.pad_id = slots, max_bucket, pad_id
         # paged: `pages` pool pages of `page` columns (None: every slot at its longest), the
-        # decode attention `kernel` (paged.KERNELS)
+        # decode attention `kernel` (paged.KERNELS), the devices the slots (and the pool) are
+        # split over
         self.attention, self.page, self.pages, self.kernel = attention, page, pages, kernel
+        self.shards = shards
         self.table: Optional[PageTable] = None
         self.pages_used = (0, 0)  # paged: the last call's most pages held at once, of its pool
         self.weights = SamplingWeights(model, mesh, rules)
@@ -99,6 +105,10 @@ class Device:
         spec = logical_to_spec(logical, self.rules, self.mesh, x.shape)
         return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec),
                                             lambda idx: x[idx])
+
+    def split_axis(self) -> Optional[str]:
+        """The logical axis of arrays split like the slots (None: not split)."""
+        return "act_batch" if self.shards > 1 else None
 
     def rules_context(self):
         return (use_rules(self.mesh, self.rules) if self.mesh is not None
@@ -135,8 +145,10 @@ class Device:
                                             else (buf.k, buf.v, buf.pos)))
 
     def pool_pages(self, max_new: int) -> int:
-        """Pages of the paged pool: the budget, else every slot at its longest."""
-        return self.pages or self.slots * -(-self.cache_length(max_new) // self.page)
+        """Pages of the paged pool (all devices together, a whole share each): the budget,
+        else every slot at its longest."""
+        pages = self.pages or self.slots * -(-self.cache_length(max_new) // self.page)
+        return pages // self.shards * self.shards
 
     def page_buckets(self, max_pages: int) -> tuple[int, ...]:
         """Page counts the chunk program is compiled for: whole blocks of the dense path's
@@ -176,37 +188,48 @@ class Device:
         if self.table is None:
             self._keep("cache", (self.slots, self.cache.pos.shape[1]), self.cache)
         else:
-            self._keep("pool", (self.table.pages, self.page), self.pool)
-            self.pages_used = (self.table.peak, self.table.pages)
+            total = self.table.pages * self.shards
+            self._keep("pool", (total, self.page), self.pool)
+            self.pages_used = (self.table.peak, total)
         self._keep("store", self.store.pos.shape, self.store)
         self.cache = self.pool = self.table = self.store = self.state = None
 
     # -- the paged cache
 
     def begin_paged(self, length: int, pages: int) -> None:
-        """A pool of `pages` pages and an empty page table for slots of `length` columns."""
+        """A pool of `pages` pages (split over the shards) and an empty page table for slots
+        of `length` columns."""
         make = functools.partial(init_pool, self.cfg, pages, self.page, self.model.dtype)
         sh = None if self.mesh is None else pool_shardings(self.cfg, pages, self.page,
-                                                           self.mesh, self.rules)
+                                                           self.mesh, self.rules, self.shards)
         self.pool = self._buffer("pool", (pages, self.page), make, sh)
-        self.table = PageTable(pages, self.page, self.slots, -(-length // self.page))
+        self.table = PageTable(pages // self.shards, self.page, self.slots,
+                               -(-length // self.page), self.shards)
         self.grown = np.zeros((self.slots, 3), np.int64)  # per slot: prompt length, limit, drawn
         self.running = np.zeros(self.slots, bool)  # slots whose rows hold pages
         self.started = np.zeros(self.slots, np.int64)  # when each slot's row started
         self.starts = 0
-        self.headroom: Optional[int] = None  # pages the running rows need next (cached)
+        self.headroom: Optional[list] = None  # pages each group's running rows need next
 
-    def reserve(self, index: int, prompt: Prompt) -> bool:
-        """Whether a row of prompt `index` may start now (paged: its prompt pages and
-        MIN_STEPS more columns fit beside what the running rows need for as many steps; they
-        are set aside for it)."""
+    def reserve(self, index: int, prompt: Prompt, free: list[int]) -> Optional[int]:
+        """The free slot a row of prompt `index` may start in now, or None (paged: its prompt
+        pages and MIN_STEPS more columns fit in the slot's group beside what the group's
+        running rows need for as many steps; they are set aside for it)."""
         if self.table is None:
-            return True
+            return free[0]
+        t = self.table
         if self.headroom is None:
             self.headroom = self._growth(MIN_STEPS, *self._columns())
         length = len(prompt.tokens)
         columns = max(length, min(length + MIN_STEPS, self.row_columns(prompt)))
-        return self.table.reserve(index, length, columns, self.headroom)
+        firsts = {}  # each group's first free slot
+        for r in free:
+            firsts.setdefault(t.shard(r), r)
+        # the group that holds the prompt's pages, else the one with the most room
+        order = sorted(firsts, key=lambda g: (not t.holds(index, g),
+                                              self.headroom[g] - t.room(g), g))
+        return next((firsts[g] for g in order
+                     if t.reserve(index, length, columns, self.headroom[g], g)), None)
 
     def preempt(self) -> dict[int, int]:
         """Paged: when the free pages would last the running rows fewer than PREEMPT_BELOW
@@ -216,14 +239,17 @@ class Device:
         if self.table is None:
             return {}
         out = {}
-        while self.running.sum() > 1:
-            at, end = self._columns()
-            steps = min(self._plan(at, end)[1], PREEMPT_BELOW)
-            if self._fit(steps, at, end) >= steps:
-                break
-            r = int(np.flatnonzero(self.running)[np.argmax(self.started[self.running])])
-            out[r] = int(self.grown[r, 2])
-            self._free(r)
+        for g in range(self.shards):
+            group = slice(g * self.table.per, (g + 1) * self.table.per)
+            while self.running[group].sum() > 1:
+                at, end = self._columns()
+                steps = min(self._plan(at, end)[1], PREEMPT_BELOW)
+                if self._growth(steps, at, end)[g] <= len(self.table.free[g]):
+                    break
+                rows = np.flatnonzero(self.running[group]) + group.start
+                r = int(rows[np.argmax(self.started[rows])])
+                out[r] = int(self.grown[r, 2])
+                self._free(r)
         if out:
             self.release(list(out))  # marks them done (their pages are already free)
         return out
@@ -236,11 +262,14 @@ class Device:
 
     def _insert_paged(self, starts: list[Start], prompts: list[Prompt], entry, args) -> None:
         t = self.table
-        pages = np.full((self.slots, -(-self.max_bucket // self.page)), t.pages, np.int32)
+        total = t.pages * self.shards
+        pages = np.full((self.slots, -(-self.max_bucket // self.page)), total, np.int32)
         for s in starts:
             p = prompts[s.request.prompt]
-            write = t.start(s.slot, s.request.prompt, len(p.tokens))
-            pages[s.slot, :len(write)] = write
+            write = np.asarray(t.start(s.slot, s.request.prompt, len(p.tokens)), np.int32)
+            # ids within the slot's group -> ids in the whole pool
+            pages[s.slot, :len(write)] = np.where(write < t.pages,
+                                                  write + t.shard(s.slot) * t.pages, total)
             self.grown[s.slot] = (len(p.tokens), p.limit, 1)
             self.running[s.slot] = True
             self.starts += 1
@@ -250,7 +279,7 @@ class Device:
         with self.rules_context():
             self.pool, self.state = self.programs["insert_paged"](
                 self.pool, self.state, self.store, entry, self.put(pages, ("act_batch", None)),
-                *args, self.seed, prog=self.prog)
+                *args, self.seed, prog=self.prog, split=self.shards > 1)
 
     def _columns(self) -> tuple[dict, dict]:
         """Per running slot: the next column it writes, and its columns at its limit."""
@@ -258,13 +287,18 @@ class Device:
         return ({r: length + drawn - 1 for r, length, _, drawn in rows},
                 {r: length + limit - 1 for r, length, limit, _ in rows})
 
-    def _growth(self, steps: int, at: dict, end: dict) -> int:
-        """Pages the running rows lack for `steps` more steps."""
-        return sum(self.table.growth(r, min(at[r] + steps, end[r])) for r in at)
+    def _growth(self, steps: int, at: dict, end: dict) -> list[int]:
+        """Pages the running rows of each group lack for `steps` more steps."""
+        out = [0] * self.shards
+        for r in at:
+            out[self.table.shard(r)] += self.table.growth(r, min(at[r] + steps, end[r]))
+        return out
 
     def long_slots(self) -> int:
-        """Rows a chunk may read at their whole width (the plain attention's long group)."""
-        return 0 if self.kernel != "plain" else max(1, self.slots // LONG_SHARE)
+        """Rows of each group a chunk may read at their whole width (the plain attention's
+        long rows)."""
+        per = self.slots // self.shards
+        return 0 if self.kernel != "plain" else max(1, per // LONG_SHARE)
 
     def _plan(self, at: dict, end: dict, cut: Optional[int] = None) -> tuple[int, int, list]:
         """The long rows (the `long_slots` needing the most columns), the smallest page bucket
@@ -272,7 +306,10 @@ class Device:
         left), and the steps a chunk may take within it: (cut, steps, long rows). `at`, `end`:
         `_columns`."""
         need = {r: min(at[r] + MIN_STEPS, end[r]) for r in at}
-        long = sorted(need, key=lambda r: (-need[r], r))[:self.long_slots()]
+        long = []
+        for g in range(self.shards):
+            rows = [r for r in need if self.table.shard(r) == g]
+            long += sorted(rows, key=lambda r: (-need[r], r))[:self.long_slots()]
         short = [r for r in at if r not in long]
         if cut is None:
             most = max([need[r] for r in short], default=0)
@@ -282,14 +319,15 @@ class Device:
                                        if end[r] > cut * self.page]), long
 
     def _fit(self, steps: int, at: dict, end: dict) -> int:
-        """The most steps, up to `steps`, whose pages the free list holds."""
-        free = len(self.table.free)
-        if self._growth(steps, at, end) <= free:
+        """The most steps, up to `steps`, whose pages every group's free list holds."""
+        free = [len(f) for f in self.table.free]
+        fits = lambda n: all(g <= f for g, f in zip(self._growth(n, at, end), free))
+        if fits(steps):
             return steps
-        lo, hi = 0, steps  # growth(lo) fits, growth(hi) does not
+        lo, hi = 0, steps  # lo fits, hi does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._growth(mid, at, end) <= free else (lo, mid)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
     def _free(self, slot: int) -> None:
@@ -309,13 +347,16 @@ class Device:
                                "before decode)")
         for r in at:
             t.grow(r, min(at[r] + steps, end[r]))
-        long_rows = np.full(self.long_slots(), self.slots, np.int32)
-        long_rows[:len(long)] = long
+        # each group's long rows, as slots within the group (t.per: none)
+        long_rows = np.full((self.shards, self.long_slots()), t.per, np.int32)
+        for g in range(self.shards):
+            rows = [r - g * t.per for r in long if t.shard(r) == g]
+            long_rows[g, :len(rows)] = rows
         zeros = self.put(np.zeros(self.slots, np.int32), ("act_batch",))
         cache = PagedCache(k=self.pool[0], v=self.pool[1], live=zeros.astype(bool),
                            table=self.put(t.table, ("act_batch", None)), offset=zeros,
-                           long_rows=self.put(long_rows, (None,)), short=cut,
-                           kernel=self.kernel)
+                           long_rows=self.put(long_rows.reshape(-1), (self.split_axis(),)),
+                           short=cut, kernel=self.kernel, shards=self.shards)
         return cache, steps
 
     # -- continuous batching (contract.SlotDevice)

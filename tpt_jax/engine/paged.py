@@ -2,8 +2,10 @@
 slot's pages through its page table (`pages.PageTable` decides which pages a slot holds).
 
 - `init_pool` / `pool_shardings`: one [kv_heads, pages, page, head_dim] pool per layer (the
-  layout of the Pallas kernel; heads over tensor, pages replicated over the data axes, so any
-  slot can hold any page).
+  layout of the Pallas kernels; heads over tensor). Where the slots are split over devices
+  (the data axes), the pages are split with them: each device holds its slots' pages, and
+  the decode attention runs per device (`shard_map`) on its own slots and pages, with page
+  ids local to the device (`pages.PageTable`).
 - `PagedCache`: the pools plus, for one chunk of decode steps, each slot's page table, the
   column offset between the dense layout and the pages, whether each row is live, and which
   few rows are long. Its layers (`PagedView`) write the step's keys into the row's page and
@@ -31,15 +33,19 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpt_jax.gemma import attention as A
 from tpt_jax.gemma.config import ModelConfig
-from tpt_jax.gemma.sharding import constrain, logical_to_spec
+from tpt_jax.gemma.sharding import active_rules, constrain, logical_to_spec
 
 Array = jax.Array
 
-POOL_AXES = ("cache_kv_heads", None, None, "head_dim")
+def pool_axes(split: bool) -> tuple:
+    """The pool's logical axes: pages split like the slots (`split`) or held whole."""
+    return ("cache_kv_heads", "act_batch" if split else None, None, "head_dim")
+
+
 KERNEL_PLATFORMS = ("gpu", "tpu")  # where JAX has a Pallas paged-attention kernel
 KERNELS = ("plain", *KERNEL_PLATFORMS, *(f"{p}-interpret" for p in KERNEL_PLATFORMS))
 
@@ -50,14 +56,15 @@ def init_pool(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> tuple:
     return zeros(), zeros()
 
 
-def pool_shardings(cfg: ModelConfig, pages: int, page: int, mesh, rules) -> tuple:
+def pool_shardings(cfg: ModelConfig, pages: int, page: int, mesh, rules,
+                   shards: int = 1) -> tuple:
     shape = (cfg.num_kv_heads, pages, page, cfg.head_dim)
-    sh = NamedSharding(mesh, logical_to_spec(POOL_AXES, rules, mesh, shape))
+    sh = NamedSharding(mesh, logical_to_spec(pool_axes(shards > 1), rules, mesh, shape))
     return (sh,) * cfg.num_layers, (sh,) * cfg.num_layers
 
 
-def constrain_pool(pool: tuple) -> tuple:
-    return tuple(tuple(constrain(x, POOL_AXES) for x in part) for part in pool)
+def constrain_pool(pool: tuple, split: bool) -> tuple:
+    return tuple(tuple(constrain(x, pool_axes(split)) for x in part) for part in pool)
 
 
 def pool_bytes(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> int:
@@ -106,9 +113,18 @@ class PagedView:
     long_rows: Array  # [L] rows read at the whole width W (B: none); the others read `short`
     short: int = flax.struct.field(pytree_node=False, default=0)  # pages most rows read
     kernel: str = flax.struct.field(pytree_node=False, default="plain")
+    shards: int = flax.struct.field(pytree_node=False, default=1)  # devices rows are split over
 
     def attend(self, q: Array, k: Array, v: Array, positions: Array, sliding: bool,
                cfg: ModelConfig) -> tuple[Array, "PagedView"]:
+        if self.shards > 1:
+            return split_attend(self, q, k, v, positions, sliding, cfg)
+        out, view = self.local_attend(q, k, v, positions, sliding, cfg)
+        return constrain(out, A.HEADS_AXES), view
+
+    def local_attend(self, q: Array, k: Array, v: Array, positions: Array, sliding: bool,
+                     cfg: ModelConfig) -> tuple[Array, "PagedView"]:
+        """Write the step's keys and attend, all on one device's rows and pages."""
         k_pool, v_pool = self._write(self.k, k), self._write(self.v, v)
         view = self.replace(k=k_pool, v=v_pool)
         table = self.table[:, :self.short]
@@ -116,14 +132,14 @@ class PagedView:
                                        <= cfg.sliding_window):
             out = kernel_attention(q, k_pool, v_pool, table, self.column + 1, cfg,
                                    self.kernel)
-            return constrain(out, A.HEADS_AXES), view
+            return out, view
         out = plain_attention(q, k_pool, v_pool, table, self.column, positions, sliding, cfg)
         if self.long_rows.shape[0]:  # the longest rows, over every page they hold
             rows = jnp.minimum(self.long_rows, q.shape[0] - 1)
             long = plain_attention(q[rows], k_pool, v_pool, self.table[rows], self.column[rows],
                                    positions[rows], sliding, cfg)
             out = out.at[self.long_rows].set(long, mode="drop")
-        return constrain(out, A.HEADS_AXES), view
+        return out, view
 
     def _write(self, pool: Array, new: Array) -> Array:
         """new [B, 1, K, H] into each live row's page at `column`."""
@@ -132,6 +148,32 @@ class PagedView:
         at = jnp.where(self.live, at, pool.shape[1])
         new = jnp.swapaxes(new[:, 0], 0, 1).astype(pool.dtype)  # [K, B, H]
         return pool.at[:, at, self.column % page].set(new, mode="drop")
+
+
+def split_attend(view: PagedView, q: Array, k: Array, v: Array, positions: Array,
+                 sliding: bool, cfg: ModelConfig) -> tuple[Array, PagedView]:
+    """`PagedView.local_attend` on each device's own rows and pages (`shard_map` over the
+    active mesh): page ids and long rows are local to the device, so no page crosses
+    devices. Heads stay split as the pool's are (queries follow the kv heads)."""
+    mesh, rules = active_rules()
+    batch = logical_to_spec(("act_batch",), rules, mesh, view.table.shape[:1])[0]
+    heads = logical_to_spec(pool_axes(True), rules, mesh, view.k.shape)[0]
+    pool, rows = P(heads, batch, None, None), P(batch)
+    per_head = P(batch, None, heads, None)  # q, k, v, out: [B, T, heads, H]
+
+    def body(q, k, v, positions, k_pool, v_pool, table, column, live, long_rows):
+        local = view.replace(k=k_pool, v=v_pool, table=table, column=column, live=live,
+                             long_rows=long_rows, shards=1)
+        out, local = local.local_attend(q, k, v, positions, sliding, cfg)
+        return out, local.k, local.v
+
+    out, k_pool, v_pool = jax.shard_map(
+        body, mesh=mesh, check_vma=False,
+        in_specs=(per_head, per_head, per_head, P(batch, None), pool, pool, P(batch, None),
+                  rows, rows, rows),
+        out_specs=(per_head, pool, pool))(q, k, v, positions, view.k, view.v, view.table,
+                                          view.column, view.live, view.long_rows)
+    return constrain(out, A.HEADS_AXES), view.replace(k=k_pool, v=v_pool)
 
 
 def plain_attention(q: Array, k_pool: Array, v_pool: Array, table: Array, column: Array,
@@ -177,16 +219,18 @@ class PagedCache:
     long_rows: Array
     short: int = flax.struct.field(pytree_node=False, default=0)
     kernel: str = flax.struct.field(pytree_node=False, default="plain")
+    shards: int = flax.struct.field(pytree_node=False, default=1)
 
     def views(self, positions: Array, index: Array) -> list:
         """Per layer, the view that writes at dense column `index` (paged: index - offset)."""
         return [PagedView(k=k, v=v, table=self.table, column=index - self.offset,
                           live=self.live, long_rows=self.long_rows, short=self.short,
-                          kernel=self.kernel) for k, v in zip(self.k, self.v)]
+                          kernel=self.kernel, shards=self.shards)
+                for k, v in zip(self.k, self.v)]
 
     def from_views(self, views: list) -> "PagedCache":
         return self.replace(k=tuple(x.k for x in views), v=tuple(x.v for x in views))
 
     def constrain(self) -> "PagedCache":
-        k, v = constrain_pool((self.k, self.v))
+        k, v = constrain_pool((self.k, self.v), self.shards > 1)
         return self.replace(k=k, v=v)

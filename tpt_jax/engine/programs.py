@@ -243,10 +243,11 @@ def insert(model: M.Gemma2, cache: SlotCache, slots: Slots, store: Store, entry:
 
 def insert_paged(model: M.Gemma2, pool: tuple, slots: Slots, store: Store, entry: Array,
                  pages: Array, hashes: Array, samples: Array, limits: Array, seed: Array,
-                 prog: Program):
+                 prog: Program, split: bool = False):
     """`insert` into a (donated) paged pool: slot r's prompt, moved from the end of its bucket
-    to column 0, goes to the pages pages[r] [ceil(Lp / page)] (out of range: not written,
-    e.g. past the prompt or not inserted)."""
+    to column 0, goes to the pages pages[r] [ceil(Lp / page)] (ids in the whole pool; out of
+    range: not written, e.g. past the prompt or not inserted); `split`: the pool's pages are
+    split like the slots."""
     TRACE_COUNT["insert"] += 1
     take = jnp.maximum(entry, 0)
     n, page = pages.shape[1], pool[0][0].shape[2]
@@ -259,7 +260,7 @@ def insert_paged(model: M.Gemma2, pool: tuple, slots: Slots, store: Store, entry
         return p.at[:, pages].set(x.astype(p.dtype), mode="drop")
 
     pool = constrain_pool((tuple(copy(p, s) for p, s in zip(pool[0], store.k)),
-                           tuple(copy(p, s) for p, s in zip(pool[1], store.v))))
+                           tuple(copy(p, s) for p, s in zip(pool[1], store.v))), split)
     return pool, _start_rows(slots, store, entry, hashes, samples, limits, seed, prog)
 
 
@@ -348,5 +349,5 @@ def compiled(cfg, dtype, param_dtype):
                                                      donate_argnames=donate)
     return {"generate": jit(generate, ("cache",)), "prefill": jit(prefill, ("store",), ()),
             "insert": jit(insert, ("cache", "slots")), "chunk": jit(chunk, ("cache", "slots")),
-            "insert_paged": jit(insert_paged, ("pool", "slots")),
+            "insert_paged": jit(insert_paged, ("pool", "slots"), ("prog", "split")),
             "release": jax.jit(release, donate_argnames=("slots",))}

@@ -77,10 +77,9 @@ def row_shards(mesh, rows: int, rules=SAMPLE_RULES) -> int:
     return 1 if spec is None else mesh_axis_size(mesh, spec)
 
 
-def resolve_attention(name: str, interpret: Optional[str] = None, shards: int = 1) -> str:
-    """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged)
-    or where the slots are split over `shards` > 1 devices (the page pool is held whole on
-    each of them, so it would take `shards` x the memory), else the paged cache; 'pallas'
+def resolve_attention(name: str, interpret: Optional[str] = None) -> str:
+    """The decode attention to use: 'auto' is the dense cache on CPU (its figures unchanged),
+    else the paged cache; 'pallas'
     (the paged cache read by JAX's Pallas paged-attention kernel) needs a GPU or a TPU, or
     `interpret` ('gpu' or 'tpu': that platform's kernel interpreted, for tests on CPU)."""
     if name not in ATTENTIONS:
@@ -93,7 +92,7 @@ def resolve_attention(name: str, interpret: Optional[str] = None, shards: int = 
         raise ConfigError(f"attention 'pallas' runs JAX's Pallas paged-attention kernel (GPU or "
                           f"TPU), and this backend is {backend}: use 'paged'")
     if name == "auto":
-        return "dense" if backend == "cpu" or shards > 1 else "paged"
+        return "dense" if backend == "cpu" else "paged"
     return name
 
 
@@ -110,11 +109,12 @@ PAGE_SIZE = 16  # paged cache: columns a page holds
 
 def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int],
                kv_cache_gb: Optional[float], max_new_tokens: Optional[int] = None,
-               what: Optional[str] = None) -> Optional[int]:
+               what: Optional[str] = None, shards: int = 1) -> Optional[int]:
     """Pages of the paged pool from the KV budget (None: dense, or every slot at its
-    longest), or a one-line error: a budget without a paged cache, a page size that does not
-    divide the cache's blocks, a budget (`what` names it) that cannot hold one row at its
-    longest."""
+    longest; the pool is split over the `shards` devices the slots are split over), or a
+    one-line error: a budget without a paged cache, a page size that does not divide the
+    cache's blocks, a budget (`what` names it) that cannot hold one row at its longest on
+    each device."""
     if attention == "dense":
         if kv_cache_gb is not None:
             raise ConfigError("kv_cache_gb sizes the paged cache: set attention to 'paged'")
@@ -129,11 +129,12 @@ def pool_pages(model: M.Gemma2, attention: str, page: int, buckets: Sequence[int
     pages = int(kv_cache_gb * 1e9 // pool_bytes(model.cfg, 1, page, model.dtype))
     need = 0 if max_new_tokens is None else -(-(buckets[-1] + max_new_tokens - 1) // page)
     # (a row's pages hold its own prompt; the longest prompt fills the largest bucket)
-    if pages < need:
+    if pages // shards < need:
+        split = f" ({pages // shards} on each of {shards} devices)" if shards > 1 else ""
         raise ConfigError(
-            f"{what or f'kv_cache_gb={kv_cache_gb}'} holds {pages} pages of {page} tokens, but "
-            f"one row at its longest ({buckets[-1]} prompt + {max_new_tokens} new tokens) "
-            f"needs {need}")
+            f"{what or f'kv_cache_gb={kv_cache_gb}'} holds {pages} pages of {page} tokens"
+            f"{split}, but one row at its longest ({buckets[-1]} prompt + {max_new_tokens} "
+            f"new tokens) needs {need}")
     return pages
 
 
@@ -208,18 +209,15 @@ class Sampler:
         self.eos_ids = _id_tuple(eos_id)
         self.pad_id = int(pad_id)
         self.stop_tokens = stop_tokens
-        shards = row_shards(mesh, rows, rules)
-        self.attention = resolve_attention(attention, interpret, shards)
-        if self.attention != "dense" and shards > 1:
-            log.warning("paged KV cache: the page pool is held whole on each of the %d devices "
-                        "the %d decode slots are split over (the dense cache splits them), so "
-                        "kv_cache_gb is per device", shards, rows)
+        self.shards = row_shards(mesh, rows, rules)  # devices the slots (and pages) split over
+        self.attention = resolve_attention(attention, interpret)
         check_share(self.attention, kv_cache_share, kv_cache_gb, mesh)
         self.mesh, self.kv_cache_gb, self.kv_cache_share = mesh, kv_cache_gb, kv_cache_share
-        pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb)
+        pages = pool_pages(model, self.attention, page_size, self.buckets, kv_cache_gb,
+                           shards=self.shards)
         self.device = Device(model, mesh, rules, rows, self.buckets[-1], self.pad_id,
                              self.attention, page_size, pages,
-                             decode_kernel(self.attention, interpret))
+                             decode_kernel(self.attention, interpret), self.shards)
         self.stats = Stats(slots=rows)
         if params is not None:
             self.update_params(params)
@@ -227,19 +225,22 @@ class Sampler:
     def check_kv(self, max_new_tokens: int) -> None:
         """One-line error when the KV budget cannot hold one row at its longest."""
         pool_pages(self.model, self.attention, self.device.page, self.buckets,
-                   self.kv_cache_gb, max_new_tokens)
+                   self.kv_cache_gb, max_new_tokens, shards=self.shards)
 
     def size_pool(self, max_new_tokens: int) -> None:
         """A budget given as kv_cache_share becomes the pool's pages the first time the
         sampler samples: its weights are on the devices by then, and the pool, once allocated,
-        is kept for later calls."""
+        is kept for later calls. Each device the slots are split over holds its share (its
+        heads' part of its pages where the heads are split too: the share then leaves more
+        free)."""
         if self.kv_cache_share is None or self.kv_cache_gb is not None:
             return
         free = free_memory_gb(self.mesh)
-        gb = self.kv_cache_share * free
+        gb = self.kv_cache_share * free * self.shards
         self.device.pages = pool_pages(
             self.model, self.attention, self.device.page, self.buckets, gb, max_new_tokens,
-            what=f"kv_cache_share={self.kv_cache_share} of {free:.2f} GB free")
+            what=f"kv_cache_share={self.kv_cache_share} of {free:.2f} GB free",
+            shards=self.shards)
         self.kv_cache_gb = gb
         log.info("paged KV cache: kv_cache_share=%s of %.2f GB free memory a device: %.2f GB, "
                  "%d pages of %d tokens", self.kv_cache_share, free, gb, self.device.pages,

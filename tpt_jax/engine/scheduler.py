@@ -174,12 +174,14 @@ class Scheduler:
             opens = request.prompt not in self.entry_of
             if opens and not self.free_entries:
                 continue  # (nor can its later samples: they need the same entry)
-            if not self.device.reserve(request.prompt, self.prompts[request.prompt]):
+            slot = self.device.reserve(request.prompt, self.prompts[request.prompt], free)
+            if slot is None:
                 break  # no room (paged cache): it waits for running rows to end
+            free.remove(slot)
             if opens:
                 self.open_entry(request.prompt)
                 need.append(request.prompt)
-            starts.append(Start(free.pop(0), self.entry_of[request.prompt], request))
+            starts.append(Start(slot, self.entry_of[request.prompt], request))
             self.left[self.entry_of[request.prompt]] -= 1
             self.pending[request.prompt].discard(request.sample)
             self.undecided[request.prompt] += 1

@@ -130,6 +130,14 @@ def use_rules(mesh: Mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, Rules]:
+    """The (mesh, rules) `use_rules` set for the tracing under way."""
+    active = _ACTIVE.get()
+    if active is None:
+        raise RuntimeError("no sharding rules are active (trace under use_rules)")
+    return active
+
+
 def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the active rules (all platforms)."""
     active = _ACTIVE.get()

@@ -73,11 +73,10 @@ def check_cache(model, cfg: ThinkConfig, mesh=None) -> None:
     and mesh: one-line errors before any work (a page size that does not divide the prompt
     buckets, a KV budget too small for one row at its longest, a budget for a dense cache, a
     share of free memory on a backend that does not report it)."""
-    shards = row_shards(mesh, cfg.batch_size)
-    attention = resolve_attention(cfg.attention, shards=shards)
+    attention = resolve_attention(cfg.attention)
     check_share(attention, cfg.kv_cache_share, cfg.kv_cache_gb, mesh)
     pool_pages(model, attention, PAGE_SIZE, prompt_buckets(cfg.max_prompt_tokens),
-               cfg.kv_cache_gb, cfg.max_new_tokens)
+               cfg.kv_cache_gb, cfg.max_new_tokens, shards=row_shards(mesh, cfg.batch_size))
 
 
 class Samplers:
