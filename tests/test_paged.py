@@ -177,6 +177,14 @@ def test_paged_sharded(tiny, work, dense, shape, shards):
     assert {x.data.shape[1] for x in pool.addressable_shards} == {pool.shape[1] // shards}
 
 
+def test_kernel_on_a_split_pool(tiny, work, dense):
+    """The Pallas GPU kernel (interpreted) on each device's own pages, the pool split 2 ways
+    and heads 4 ways: the dense greedy tokens. (The TPU kernel's interpreter takes minutes
+    here; it passed the same check on a smaller workload by hand.)"""
+    s = sampler(tiny, "pallas", rows=8, mesh=make_mesh(MeshConfig(2, 1, 4)), interpret="gpu")
+    assert tokens(run(s, work, GREEDY)) == tokens(dense["greedy"])
+
+
 def test_tight_sharded_pool(tiny, work, dense, monkeypatch):
     """A pool split over 4 devices, each group of 2 slots with 16 pages (one row at its
     longest and a little more), rows admitted with room for 4 more steps only: rows wait for
