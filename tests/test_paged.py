@@ -175,6 +175,7 @@ def test_paged_sharded(tiny, work, dense, shape, shards):
     assert tokens(got) == tokens(dense["sampled"])
     pool = s.device._bufs["pool"][1][0][0]  # layer 0's keys [K, pages, page, H]
     assert {x.data.shape[1] for x in pool.addressable_shards} == {pool.shape[1] // shards}
+    assert s.device.kv_bytes(("pool",), one_device=True) * shards <= s.device.kv_bytes(("pool",))
 
 
 def test_kernel_on_a_split_pool(tiny, work, dense):

@@ -106,7 +106,10 @@ def memory(sampler: Sampler, stats, static: bool) -> dict:
     thrown-away steps included: they held pages too)."""
     decode = sampler.device.kv_bytes(("cache", "pool"))
     running = stats.tokens / max(stats.decode_steps, 1)
-    out = {"decode_kv_mib": round(decode / 2 ** 20, 1), "mean_running_rows": round(running, 1),
+    one = sampler.device.kv_bytes(("cache", "pool"), one_device=True)
+    out = {"decode_kv_mib": round(decode / 2 ** 20, 1),
+           "decode_kv_mib_a_device": round(one / 2 ** 20, 1),  # where the mesh splits it
+           "mean_running_rows": round(running, 1),
            "rows_per_gb": round(running / (decode / 1e9), 2)}
     if sampler.attention != "dense" and not static:
         peak, pages = sampler.device.pages_used

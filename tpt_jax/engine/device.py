@@ -137,12 +137,16 @@ class Device:
                                                             self.rules)
         return self._buffer("cache", (rows, length), make, sh)
 
-    def kv_bytes(self, names: tuple = ("cache", "pool", "store")) -> int:
+    def kv_bytes(self, names: tuple = ("cache", "pool", "store"), one_device: bool = False) -> int:
         """Device bytes of the caches held between calls (keys, values, column positions):
-        the decode cache or page pool, and the prompt store."""
-        return sum(x.nbytes for name, (_, buf) in self._bufs.items() if name in names
-                   for x in jax.tree.leaves(buf if isinstance(buf, tuple)
-                                            else (buf.k, buf.v, buf.pos)))
+        the decode cache or page pool, and the prompt store; all devices together (an array
+        counted once, however it is split), or what the first device holds."""
+        arrays = [x for name, (_, buf) in self._bufs.items() if name in names
+                  for x in jax.tree.leaves(buf if isinstance(buf, tuple)
+                                           else (buf.k, buf.v, buf.pos))]
+        if not one_device:
+            return sum(x.nbytes for x in arrays)
+        return sum(s.data.nbytes for x in arrays for s in x.addressable_shards[:1])
 
     def pool_pages(self, max_new: int) -> int:
         """Pages of the paged pool (all devices together, a whole share each): the budget,
