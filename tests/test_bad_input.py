@@ -73,7 +73,8 @@ RUN_CASES = [
     (["per_round={1: {train: {batch_size: 12}}}"], r"divisible by the data-parallel size"),
     # the decode cache (found before any model is built)
     (["think.attention=paged", "think.kv_cache_gb=0.0001"],
-     r"kv_cache_gb=0\.0001 holds \d+ pages of 16 tokens, but one row at its longest"),
+     r"kv_cache_gb=0\.0001 holds \d+ pages of 16 tokens( \(\d+ on each of \d+ devices\))?, "
+     r"but one row at its longest"),
     (["think.attention=paged", "think.kv_cache_share=0.5"],
      r"kv_cache_share needs a backend that reports its free memory \(GPU, TPU\), and this "
      r"one is cpu"),

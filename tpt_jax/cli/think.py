@@ -49,7 +49,8 @@ def add_cli(parser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N questions")
     parser.add_argument("--attention", default=d.attention, choices=list(ATTENTIONS),
                         help="decode KV cache (think.attention; auto: paged on a GPU/TPU)")
-    parser.add_argument("--kv-cache-gb", type=float, help="paged: the page pool's GB a device")
+    parser.add_argument("--kv-cache-gb", type=float,
+                        help="paged: the page pool's GB, all devices together")
     parser.add_argument("--kv-cache-share", type=float,
                         help="paged: the page pool's share of each device's free memory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
