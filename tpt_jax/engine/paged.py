@@ -48,6 +48,7 @@ def pool_axes(split: bool) -> tuple:
 
 KERNEL_PLATFORMS = ("gpu", "tpu")  # where JAX has a Pallas paged-attention kernel
 KERNELS = ("plain", *KERNEL_PLATFORMS, *(f"{p}-interpret" for p in KERNEL_PLATFORMS))
+TPU_BLOCK_PAGES = 8  # pages the TPU kernel reads a block
 
 
 def init_pool(cfg: ModelConfig, pages: int, page: int, dtype: Any) -> tuple:
@@ -93,10 +94,13 @@ def kernel_attention(q: Array, k_pool: Array, v_pool: Array, table: Array, lengt
     else:
         from jax.experimental.pallas import tpu as pltpu
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+        # blocks of 8 pages (128 keys at 16 a page, the TPU's lane width): the table padded to
+        # whole blocks (the kernel skips blocks past a row's length)
+        table = jnp.pad(table, ((0, 0), (0, -P % TPU_BLOCK_PAGES)))
         interpret = pltpu.force_tpu_interpret_mode() if how else contextlib.nullcontext()
         with interpret:  # applies to the kernels traced inside
             out = paged_attention(q[:, 0], k_pool, v_pool, lengths, table,
-                                  pages_per_compute_block=math.gcd(P, 8),
+                                  pages_per_compute_block=TPU_BLOCK_PAGES,
                                   attn_logits_soft_cap=cap)
     return out.astype(q.dtype).reshape(B, 1, N, H)
 
