@@ -24,8 +24,9 @@ bandwidth is measured in-process (`hbm_gbps`, a sum over 4 GiB) and
 to what reading only live keys would allow.
 
 Memory: `decode_kv_mib` is the decode cache (dense) or page pool (paged, `--kv-cache-gb`),
-all devices together (`decode_kv_mib_a_device`: what one device holds), and `rows_per_gb` the rows decoding on an average step per GB of it: a dense slot holds its
-reservation whatever its row's length, a paged pool holds rows by their live pages (a
+all devices together (`decode_kv_mib_a_device`: what one device holds), and `rows_per_gb`
+the rows decoding on an average step per GB of it: a dense slot holds its reservation
+whatever its row's length, a paged pool holds rows by their live pages (a
 prompt's full pages shared by its samples), admitting rows while pages last and preempting
 (`preempted`, `preempted_tokens`: started again, tokens thrown away) when they run out.
 """

@@ -137,7 +137,8 @@ class Device:
                                                             self.rules)
         return self._buffer("cache", (rows, length), make, sh)
 
-    def kv_bytes(self, names: tuple = ("cache", "pool", "store"), one_device: bool = False) -> int:
+    def kv_bytes(self, names: tuple = ("cache", "pool", "store"),
+                 one_device: bool = False) -> int:
         """Device bytes of the caches held between calls (keys, values, column positions):
         the decode cache or page pool, and the prompt store; all devices together (an array
         counted once, however it is split), or what the first device holds."""

@@ -4,9 +4,9 @@ programs, caches and sampling-layout buffers) serves a whole run.
 
 Continuous batching (the default): the host `scheduler.Scheduler` keeps every slot busy (a
 slot whose row ends takes the next waiting sample at once) and drives the device side
-(`device.Device`) through the narrow contract of `contract.py`. `attention="paged"`
-(or "pallas", the same cache read by JAX's Pallas paged-attention kernel, GPU or TPU) keeps the decode cache in pages
-that rows take as they grow (`pages`, `paged`; a prompt's full pages shared by its samples):
+(`device.Device`) through the narrow contract of `contract.py`. `attention="paged"` (or
+"pallas", the same cache read by JAX's Pallas paged-attention kernel, GPU or TPU) keeps the
+decode cache in pages (split like the slots over devices) that rows take as they grow (`pages`, `paged`; a prompt's full pages shared by its samples):
 tokens are those of the dense cache, the attention reads only the pages a chunk can reach, and
 a KV budget (`kv_cache_gb`) holds rows by their live pages (when they outgrow it the newest is
 preempted and started again, with the same tokens). `static=True` runs static
