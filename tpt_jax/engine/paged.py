@@ -41,6 +41,7 @@ from tpt_jax.gemma.sharding import active_rules, constrain, logical_to_spec
 
 Array = jax.Array
 
+
 def pool_axes(split: bool) -> tuple:
     """The pool's logical axes: pages split like the slots (`split`) or held whole."""
     return ("cache_kv_heads", "act_batch" if split else None, None, "head_dim")
