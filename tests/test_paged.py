@@ -168,11 +168,14 @@ def test_broken_page_table_is_caught(tiny, work, dense, monkeypatch):
 def test_paged_sharded(tiny, work, dense, shape, shards):
     """8 CPU devices, the slots split over the data axes (heads over tensor): the pool's
     pages are split with them (each device holds only its slots' pages, page ids within
-    it), and the tokens are the single-device dense cache's."""
+    it), a prompt's samples share its pages on one device, and the tokens are the
+    single-device dense cache's."""
     s = sampler(tiny, "paged", rows=8, mesh=make_mesh(MeshConfig(*shape)))
     assert s.shards == shards
-    got, used, _ = run_spied(s, work, SAMPLED)
+    got, used, shared = run_spied(s, work, SAMPLED)
     assert tokens(got) == tokens(dense["sampled"])
+    # a prompt's samples start where its pages are, and share them (not with one slot a group)
+    assert max(shared) > 1 or shards == 8
     pool = s.device._bufs["pool"][1][0][0]  # layer 0's keys [K, pages, page, H]
     assert {x.data.shape[1] for x in pool.addressable_shards} == {pool.shape[1] // shards}
     assert s.device.kv_bytes(("pool",), one_device=True) * shards <= s.device.kv_bytes(("pool",))
