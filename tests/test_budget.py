@@ -105,6 +105,28 @@ def test_waves_go_to_unsettled_questions_within_the_budget(setup, verdicts, tmp_
     assert stats["budget"]["questions_extended"] == sum(len(f) > 1 for f in solved.values())
 
 
+def test_a_pool_that_preempts_spends_the_budget_as_the_dense_cache(setup, verdicts, tmp_path,
+                                                                    monkeypatch):
+    """A paged pool of 5 pages for 3 slots preempts rows and draws them again; the tokens
+    thrown away are recorded but not spent from the budget, so the samples are the dense
+    cache's (the same settings give the same data whatever think.kv_cache_gb is)."""
+    from tpt_jax.engine import device as D
+    from tpt_jax.engine.paged import pool_bytes
+    monkeypatch.setattr(D, "MIN_STEPS", 1)
+    monkeypatch.setattr(D, "PREEMPT_BELOW", 1)
+    dense_dir, paged_dir = tmp_path / "dense", tmp_path / "paged"
+    dense = run(setup, dataclasses.replace(CFG, attention="dense"), out=str(dense_dir))
+    gb = pool_bytes(setup[0].cfg, 5.5, 16, setup[0].dtype) / 1e9
+    paged = run(setup, dataclasses.replace(CFG, attention="paged", kv_cache_gb=gb),
+                out=str(paged_dir))
+    drawn = tio.read_json(paged_dir / T.DECODED)
+    thrown = sum(d["preempted_tokens"] for d in drawn.values())
+    assert thrown > 0 and sum(d["preempted"] for d in drawn.values()) > 0
+    assert paged == dense
+    assert T.decoded_tokens(str(paged_dir)) == T.decoded_tokens(str(dense_dir)) <= \
+        CFG.budget_tokens < T.decoded_tokens(str(dense_dir)) + thrown
+
+
 def test_resume_after_interruption_gives_the_same_samples(setup, verdicts, tmp_path,
                                                           monkeypatch):
     """Killed while writing its second shard, then run again: the first shard is reused and

@@ -92,6 +92,12 @@ class Stats:
         """The share of slot-steps that drew a token."""
         return round(self.tokens / max(self.slots * self.decode_steps, 1), 4)
 
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens drawn less those preempted rows threw away: what budget mode spends and a
+        round's Think tokens count, so they do not depend on the KV pool's size."""
+        return self.tokens - self.preempted_tokens
+
 
 class SlotDevice(Protocol):
     """The device side of continuous batching, as the scheduler sees it."""

@@ -110,7 +110,8 @@ def prune_round(s: Setup, rd: RunDir, rc, r: int, params: Artifact, questions: A
 
 
 def think_tokens(rd: RunDir, rc, r: int) -> int:
-    """Tokens round r's Think drew, every source's, cancelled samples' included."""
+    """Tokens round r's Think drew, every source's, cancelled samples' included (not those
+    of rows the paged cache preempted)."""
     folders = ([rd.path(tag(r), "samples")] if rc.sources.self else []) + [
         rd.path(tag(r), "sources", src.name) for src in rc.sources.models]
     return sum(think.decoded_tokens(f) for f in folders)

@@ -64,7 +64,7 @@ class Waves:
         self.drawn: list[list[dict]] = [[] for _ in rule.golds]  # per question, sample order
         self.found = [0] * len(rule.golds)  # candidates among them
         self.cost = [0] * len(rule.golds)  # tokens its samples decoded
-        self.tokens = 0  # decoded, cancelled samples' included
+        self.tokens = 0  # decoded, cancelled samples' included (`Stats.sampled_tokens`)
 
     def add(self, questions: Sequence[int], outs: Sequence[list[dict]], tokens: int) -> None:
         """questions[i] got records outs[i], its next samples in order; `tokens` decoded."""

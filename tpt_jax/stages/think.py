@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SHARD_RE = re.compile(r"^samples-(\d{5})\.jsonl$")
 MANIFEST = "think.json"
-DECODED = "decoded.json"  # tokens each shard's sampling drew, cancelled samples' included
+DECODED = "decoded.json"  # tokens each shard's sampling drew, cancelled and preempted included
 
 
 def shard_name(k: int) -> str:
@@ -242,11 +242,13 @@ def _remove_partial_shards(out_dir: str) -> None:
 
 def decoded_tokens(out_dir: str) -> int:
     """Tokens Think drew for a samples folder: per shard, as recorded when it was sampled
-    (cancelled samples' included), else its records' tokens."""
+    (cancelled samples' included; not those of rows the paged cache preempted and drew again,
+    which depend on the pool's size), else its records' tokens."""
     root = tio.path(out_dir)
     drawn = _read_decoded(root)
     names = sorted(p.name for p in root.iterdir() if SHARD_RE.match(p.name))
-    return sum(drawn[name]["tokens"] if name in drawn else
+    return sum(drawn[name]["tokens"] - drawn[name].get("preempted_tokens", 0)
+               if name in drawn else
                sum(int(r.get("tokens") or 0) for _, r in tio.read_jsonl(root / name))
                for name in names)
 
@@ -371,7 +373,7 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
             counts = collections.Counter(r["id"] for r in records).values()
             log.info("think: budget mode: %d samples, %d to %d a question; the shards sampled "
                      "now decoded %d of their %d budgeted tokens", len(records),
-                     min(counts, default=0), max(counts, default=0), used,
+                     min(counts, default=0), max(counts, default=0), used - redrawn,
                      sum(share[k] for k in range(len(shards)) if not done[k]))
         elif cap is not None:
             log.info("think: early stop (prune.strategy %s) left %d of %d samples undrawn, "
@@ -396,7 +398,7 @@ def _sample_shard(sampler: Sampler, tokenizer, questions: list[dict], texts: lis
     if settle is None:
         return outs, calls
     waves = budget.Waves(rule, cfg.n_max, share, cfg.max_new_tokens)
-    waves.add(range(len(questions)), outs, sampler.stats.tokens)
+    waves.add(range(len(questions)), outs, sampler.stats.sampled_tokens)
     wave = waves.next()
     while wave:
         bar.total += len(wave)
@@ -405,7 +407,7 @@ def _sample_shard(sampler: Sampler, tokenizer, questions: list[dict], texts: lis
                         encoded=[encoded[q] for q in wave],
                         first_sample=[len(waves.drawn[q]) for q in wave])
         calls.append(sampler.stats)
-        waves.add(wave, more, sampler.stats.tokens)
+        waves.add(wave, more, sampler.stats.sampled_tokens)
         wave = waves.next()
     return waves.drawn, calls
 
