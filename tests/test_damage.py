@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_faults import _no_wall, _params, _records, _samples, overrides
+from test_faults import _no_costs, _params, _records, _samples, overrides
 from tpt_jax import errors, io
 from tpt_jax.cli import main
 
@@ -71,8 +71,8 @@ def _files(out: Path) -> dict:
 def assert_same_results(out: Path, ref: Path) -> None:
     assert sorted(json.loads((out / "state.json").read_text())["done"]) == \
         sorted(json.loads((ref / "state.json").read_text())["done"])
-    assert _no_wall(json.loads((out / "metrics.json").read_text())) == \
-        _no_wall(json.loads((ref / "metrics.json").read_text()))
+    assert _no_costs(json.loads((out / "metrics.json").read_text())) == \
+        _no_costs(json.loads((ref / "metrics.json").read_text()))
     assert json.loads((out / "config.json").read_text()) == \
         json.loads((ref / "config.json").read_text())
     for name in ("r00/eval.json", "r01/eval.json", "r01/train.jsonl", "r01/prune_stats.json"):

@@ -4,7 +4,7 @@ they finish. The fake checks the contract on every call."""
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from tpt_jax.engine.contract import Chunk, Prompt, Request, Stats
+from tpt_jax.engine.contract import DRAWN, Chunk, Prompt, Request, Stats
 from tpt_jax.engine.device import prefill_sizes
 from tpt_jax.engine.scheduler import Scheduler
 
@@ -106,7 +106,7 @@ class FakeDevice:
 def run(slots, n, limits, buckets, refill_at, order=None, to_limit=False, preempting=None):
     prompts = [Prompt((2, 3), b, i, lim) for i, (b, lim) in enumerate(zip(buckets, limits))]
     device = FakeDevice(slots, n, max(limits), to_limit, preempting)
-    order = list(range(len(prompts))) if order is None else order
+    order = [list(range(len(prompts)))] if order is None else order
     stats = Stats(slots=slots)
     batches = list(Scheduler(device, prompts, n, order, refill_at, stats).run())
     return device, stats, batches
@@ -154,6 +154,49 @@ def test_preempted_rows_start_again(slots, n, refill_at, rows, preempting):
     assert stats.tokens == sum(len(f.tokens) for f in got) + stats.preempted_tokens
 
 
+def cut_into_groups(count: int, cuts: list) -> list:
+    """Prompts 0..count-1 in consecutive groups, cut at `cuts` (empty groups included)."""
+    bounds = [0, *sorted(min(c, count) for c in cuts), count]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(2, 9), n=st.integers(1, 4), refill_at=st.integers(1, 9),
+       rows=st.lists(st.tuples(st.sampled_from([8, 16, 32]), st.integers(1, 12)), min_size=1,
+                     max_size=14),
+       cuts=st.lists(st.integers(0, 14), max_size=4),
+       preempting=st.one_of(st.none(), st.lists(st.booleans(), max_size=40)))
+def test_groups_start_in_turn(slots, n, refill_at, rows, cuts, preempting):
+    """Prompts in groups: every request of a group first starts before any of the next
+    group's, the next group fills slots while the previous one's rows still run, and the
+    per-prompt counts (`Stats.drawn`) split the call's: a group's tokens are its results'
+    plus its preempted rows'."""
+    buckets, limits = zip(*rows)
+    groups = cut_into_groups(len(rows), cuts)
+    device, stats, batches = run(slots, n, limits, buckets, refill_at, order=groups,
+                                 preempting=preempting)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    firsts = [group_of[r.prompt] for r in device.first_starts]
+    assert firsts == sorted(firsts) and len(firsts) == len(rows) * n
+    got = [f for batch in batches for f in batch]
+    for members in groups:
+        drawn = stats.drawn(members)
+        assert drawn["tokens"] == drawn["preempted_tokens"] + sum(
+            len(f.tokens) for f in got if f.request.prompt in members)
+    assert stats.drawn(range(len(rows))) == {k: getattr(stats, k) for k in DRAWN}
+
+
+def test_the_next_group_fills_the_slots_a_group_leaves():
+    """One long row and three short ones a group, two slots: the second group starts while
+    the first group's long row runs, so the call takes fewer steps than a call a group."""
+    limits, cut = [12, 2, 2, 2] * 2, [4]
+    _, together, _ = run(2, 1, limits, [8] * 8, 1, order=cut_into_groups(8, cut),
+                         to_limit=True)
+    apart = [run(2, 1, limits[:4], [8] * 4, 1, to_limit=True)[1] for _ in range(2)]
+    assert together.decode_steps < sum(s.decode_steps for s in apart)
+    assert together.tokens == sum(s.tokens for s in apart)
+
+
 def test_a_preempted_row_waits_at_the_head():
     """A preempted request starts again before the requests that never started."""
     device, stats, _ = run(2, 1, [12] * 4, [8] * 4, refill_at=1, to_limit=True,
@@ -175,20 +218,21 @@ def test_slots_refill_before_all_finish():
 
 
 def test_given_order_is_the_start_order():
-    device, _, _ = run(3, 2, [5, 5, 5, 5], [8, 16, 8, 32], refill_at=1, order=[3, 1, 0, 2])
+    device, _, _ = run(3, 2, [5, 5, 5, 5], [8, 16, 8, 32], refill_at=1, order=[[3, 1, 0, 2]])
     assert [r.prompt for r in device.start_order] == [3, 3, 1, 1, 0, 0, 2, 2]
 
 
 
-def run_cancelling(slots, n, limits, refill_at, needed, preempting=None):
+def run_cancelling(slots, n, limits, refill_at, needed, preempting=None, groups=None):
     """Sample-major with early stop: prompt i needs needed[i] samples; like the Sampler, the
-    caller cancels the rest once samples 0..needed[i]-1 have all finished."""
+    caller cancels the rest once samples 0..needed[i]-1 have all finished. `groups`: the
+    order's groups (default: one)."""
     prompts = [Prompt((2, 3), 8, i, lim) for i, lim in enumerate(limits)]
     device = FakeDevice(slots, n, max(limits), preempting=preempting)
     device.entries, device.prefill_sizes = 2 * slots, prefill_sizes(2 * slots)  # Device.begin
     stats = Stats(slots=slots)
-    scheduler = Scheduler(device, prompts, n, list(range(len(prompts))), refill_at, stats,
-                          by_sample=True)
+    groups = [list(range(len(prompts)))] if groups is None else groups
+    scheduler = Scheduler(device, prompts, n, groups, refill_at, stats, by_sample=True)
     have, got = [set() for _ in prompts], []
     for batch in scheduler.run():
         for f in batch:
@@ -210,7 +254,9 @@ def test_cancelled_samples_stop(slots, n, refill_at, limits, data):
     sample-major; every token drawn is counted; the same with rows preempted at random."""
     needed = data.draw(st.lists(st.integers(1, n), min_size=len(limits), max_size=len(limits)))
     preempting = data.draw(st.one_of(st.none(), st.lists(st.booleans(), max_size=40)))
-    device, stats, got = run_cancelling(slots, n, limits, refill_at, needed, preempting)
+    groups = cut_into_groups(len(limits), data.draw(st.lists(st.integers(0, 14), max_size=3)))
+    device, stats, got = run_cancelling(slots, n, limits, refill_at, needed, preempting,
+                                        groups)
     kept = [(i, j) for i, j in got if j < needed[i]]
     assert sorted(kept) == sorted((i, j) for i in range(len(limits)) for j in range(needed[i]))
     for i in range(len(limits)):  # a prompt's samples start in order (first starts)
@@ -218,6 +264,20 @@ def test_cancelled_samples_stop(slots, n, refill_at, limits, data):
         assert started == list(range(len(started)))
     drawn = sum(length_of(i, j, limits[i]) for i, j in got)
     assert stats.tokens == drawn + stats.cancelled_tokens + stats.preempted_tokens
+    for members in groups:  # and group by group
+        part = stats.drawn(members)
+        assert part["tokens"] == part["cancelled_tokens"] + part["preempted_tokens"] + sum(
+            length_of(i, j, limits[i]) for i, j in got if i in members)
+
+
+def test_early_stop_runs_sample_major_within_a_group():
+    """Four groups of two prompts, two samples each, one slot: a group's samples all start
+    before the next group's (sample-major over every prompt would start every first sample
+    before most second ones)."""
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    device, _, got = run_cancelling(1, 2, [4] * 8, 1, [2] * 8, groups=groups)
+    assert len(got) == 16
+    assert [r.prompt // 2 for r in device.first_starts] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
 def test_early_stop_draws_only_what_is_needed():

@@ -143,9 +143,14 @@ def test_same_records_as_static_batches(setup, monkeypatch):
     runs = lambda c: T.think(params, model, tok, questions, c, None, template="plain",
                              progress=False)
     cont = [runs(c) for c in cfgs]
-    real = Sampler.generate
-    monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k, static=True))
-    assert [runs(c) for c in cfgs] == cont
+    real, static = Sampler.stream, []
+
+    def stream_static(self, *a, **k):
+        static.append(True)
+        return real(self, *a, **k, static=True)
+
+    monkeypatch.setattr(Sampler, "stream", stream_static)
+    assert [runs(c) for c in cfgs] == cont and len(static) == len(cfgs)
     assert any(r["finish"] == "stop" for r in cont[1] + cont[2])
 
 
@@ -188,19 +193,50 @@ def test_early_stop_keeps_what_prune_keeps(setup, tmp_path, monkeypatch, strateg
     assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
                             progress=False, prune=pcfg)
     from tpt_jax.engine import Sampler
-    real = Sampler.generate  # static batches draw every sample and cut the same records
-    monkeypatch.setattr(Sampler, "generate", lambda self, *a, **k: real(self, *a, **k,
-                                                                        static=True))
+    real, static = Sampler.stream, []  # static batches draw every sample, cut the same records
+
+    def stream_static(self, *a, **k):
+        static.append(True)
+        return real(self, *a, **k, static=True)
+
+    monkeypatch.setattr(Sampler, "stream", stream_static)
     assert early == T.think(params, model, tok, qs, cfg, None, template="plain",
-                            progress=False, prune=pcfg)
+                            progress=False, prune=pcfg) and static
     assert len(early) < len(full)
     assert all(r in full for r in early)
     assert prune.prune_records(qs, early, pcfg)[0] == prune.prune_records(qs, full, pcfg)[0]
     assert T.decoded_tokens(str(tmp_path)) < sum(r["tokens"] for r in full)
+    for name, drawn in json.loads((tmp_path / T.DECODED).read_text()).items():
+        kept = sum(r["tokens"] for _, r in tio.read_jsonl(tmp_path / name))
+        assert drawn["tokens"] == kept + drawn["cancelled_tokens"], name
     # a resume with other Prune settings is refused: its shards may lack samples it needs
     with pytest.raises(TptError, match="stop_when_selected"):
         T.think(params, model, tok, qs, cfg, str(tmp_path), template="plain", progress=False,
                 prune=dataclasses.replace(pcfg, strategy="max-k", max_per_question=3))
+
+
+def test_shards_share_one_generate_call(setup, tmp_path):
+    """Think samples its shards in one generate call, so the next shard fills the slots while
+    one shard's longest rows finish: the records of one shard a call, in fewer decode steps,
+    each shard's tokens in decoded.json."""
+    import dataclasses
+    model, params, _ = setup
+    questions = [{"id": f"q{i}", "question": f"What is {i} + {i * 3}?", "answer": str(4 * i)}
+                 for i in range(12)]
+    cfg = dataclasses.replace(CFG, n=2, max_new_tokens=24, shard_size=3, stop=["e", "7"])
+    sampler = T.make_sampler(model, ByteTokenizer(), cfg)
+    run = lambda qs, out=None: T.think(params, model, ByteTokenizer(), qs, cfg, out,
+                                       template="plain", progress=False, sampler=sampler)
+    together = run(questions, str(tmp_path))
+    steps = sampler.stats.decode_steps
+    apart, apart_steps = [], 0
+    for a in range(0, 12, 3):
+        apart += run(questions[a:a + 3])
+        apart_steps += sampler.stats.decode_steps
+    assert together == apart and steps < apart_steps
+    drawn = json.loads((tmp_path / T.DECODED).read_text())
+    assert [drawn[T.shard_name(k)]["tokens"] for k in range(4)] == [
+        sum(r["tokens"] for r in together[6 * k:6 * k + 6]) for k in range(4)]
 
 
 def test_early_stop_off_for_strategies_needing_every_sample(caplog):

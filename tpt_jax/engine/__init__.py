@@ -7,6 +7,8 @@ set of decode slots. Stage code uses the front door only:
     sampler.update_params(new_params)                      # next round: same programs, buffers
     sampler.generate(..., samples_needed=rule)             # early stop: rule(prompt, sample,
                                                            # generation) -> samples it needs
+    for g, gens in sampler.stream(prompts, sampling, 4, sizes=[500, 500, 120]):
+        ...                                                # one call, groups yielded as done
 
 Inside, lowest first: `sampling` (settings, per-row keys), `cache` (KV cache layouts and
 shardings), `pages` (the paged cache's host page table), `paged` (its page pool and

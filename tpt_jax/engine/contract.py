@@ -68,13 +68,17 @@ class Finished:
     logits: Optional[np.ndarray] = None
 
 
+DRAWN = ("tokens", "cancelled", "cancelled_tokens", "preempted", "preempted_tokens")
+
+
 @dataclasses.dataclass
 class Stats:
     """One generate call: decode slots, decode steps (each steps every slot), tokens drawn
     (cancelled and discarded samples' included: the compute spent), prefill calls, host checks
     (a round trip each), samples cancelled after they started or discarded after they
     finished, and rows preempted (paged cache full; started again), with the tokens they
-    drew."""
+    drew. The `DRAWN` counts are also kept per prompt (`drawn`), for a caller that writes
+    groups of prompts apart."""
 
     slots: int
     static: bool = False
@@ -86,6 +90,32 @@ class Stats:
     cancelled_tokens: int = 0
     preempted: int = 0
     preempted_tokens: int = 0
+    by_prompt: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def drew(self, prompt: int, tokens: int, dropped: str = "") -> None:
+        """A row of `prompt` ended having drawn `tokens`; `dropped` ("cancelled" or
+        "preempted") when they were thrown away."""
+        self._count(prompt, "tokens", tokens)
+        if dropped:
+            self.drop(prompt, tokens, dropped)
+
+    def drop(self, prompt: int, tokens: int, why: str) -> None:
+        """`tokens` already counted as drawn were thrown away: `why` is "cancelled" or
+        "preempted"."""
+        self._count(prompt, why, 1)
+        self._count(prompt, why + "_tokens", tokens)
+
+    def _count(self, prompt: int, key: str, value: int) -> None:
+        setattr(self, key, getattr(self, key) + value)
+        per = self.by_prompt.setdefault(prompt, dict.fromkeys(DRAWN, 0))
+        per[key] += value
+
+    def drawn(self, prompts=None) -> dict:
+        """The `DRAWN` counts of these prompts' rows (None: all of them)."""
+        if prompts is None:
+            return {key: getattr(self, key) for key in DRAWN}
+        per = [self.by_prompt[i] for i in prompts if i in self.by_prompt]
+        return {key: sum(p[key] for p in per) for key in DRAWN}
 
     @property
     def slot_utilization(self) -> float:

@@ -307,8 +307,34 @@ class Sampler:
         at the next host check) and the prompt gets m results. Requests then run sample-major
         (every prompt's sample 0 before any sample 1), so answers come before later samples
         start. Static batches draw every sample and only cut the results."""
+        out = []
+        for _, group in self.stream(prompts, sampling, n, [len(prompts)], ids, seed, progress,
+                                    return_logits, max_new_tokens, static, longest_first,
+                                    stop_tokens, samples_needed, first_sample):
+            out += group
+        return out
+
+    def stream(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, n: int,
+               sizes: Sequence[int], ids: Optional[Sequence[str]] = None, seed: int = 0,
+               progress: Optional[Callable[[int], None]] = None, return_logits: bool = False,
+               max_new_tokens: Optional[Sequence[int]] = None, static: bool = False,
+               longest_first: bool = True,
+               stop_tokens: Optional[Sequence[Sequence[int]]] = None,
+               samples_needed: Optional[Callable[[int, int, Generation], Optional[int]]] = None,
+               first_sample: Optional[Sequence[int]] = None
+               ) -> Iterator[tuple[int, list[list[Generation]]]]:
+        """`generate` for prompts in consecutive groups of `sizes`, yielding (group, its
+        [prompt][sample]) as soon as every sample of the group has finished or been cancelled.
+        A group's requests start after the previous group's, so the next group fills the
+        slots while one group's longest rows finish: one call over many groups keeps the
+        slots busy where a call a group would leave them idle at each group's end. The
+        per-prompt counts in `stats` (`Stats.drawn`) say what each group drew; those of a
+        group's cancelled rows may still grow after it is yielded, until their slots are
+        freed at the next host check."""
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
+        if sum(sizes) != len(prompts) or any(m < 0 for m in sizes):
+            raise ValueError("group sizes must be >= 0 and add up to the prompts")
         ids = [str(i) for i in range(len(prompts))] if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError("ids and prompts differ in length")
@@ -325,42 +351,59 @@ class Sampler:
             raise ValueError("first_sample needs one index >= 0 per prompt")
         work = self._prompts(prompts, ids, limits, firsts)
         self.stats = Stats(slots=self.rows, static=static)
+        bounds = np.cumsum([0, *sizes]).tolist()
+        groups = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        group_of = [g for g, members in enumerate(groups) for _ in members]
+        unsettled = [n * len(members) for members in groups]  # samples not yet settled
         results: list[list[Optional[Generation]]] = [[None] * n for _ in prompts]
         limit, cuts = [n] * len(prompts), []  # samples each prompt needs; cancellations due
-        if prompts:
-            prog = self._program(sampling, min(n, self.rows) if static else 1, return_logits,
-                                 stop_tokens)
-            for finished in self._finished(work, n, prog, seed, static, longest_first, cuts,
-                                           samples_needed is not None):
-                settled = 0  # samples finished, or cancelled before they finished
-                for f in finished:
-                    i, j = f.request.prompt, f.request.sample
-                    if j >= limit[i]:  # finished before its cancellation reached it
-                        self.stats.cancelled += 1
-                        self.stats.cancelled_tokens += len(f.tokens)
-                        continue
-                    results[i][j] = g = self._generation(f)
-                    settled += 1
-                    m = None if samples_needed is None else samples_needed(i, j, g)
-                    if m is not None and m < limit[i]:
-                        if m < 1 or any(r is None for r in results[i][:m]):
-                            raise ValueError(f"samples_needed gave {m} before samples 0.."
-                                             f"{m - 1} of prompt {i} finished")
-                        settled += sum(r is None for r in results[i][m:limit[i]])
-                        limit[i] = m
-                        cuts.append((i, m))
-                if progress is not None:
-                    progress(settled)
-        return [row[:m] for row, m in zip(results, limit)]  # type: ignore[misc]
+        for g in (g for g, left in enumerate(unsettled) if not left):
+            yield g, []
+        if not prompts:
+            return
+        prog = self._program(sampling, min(n, self.rows) if static else 1, return_logits,
+                             stop_tokens)
+        order = [sorted(members, key=lambda i: -work[i].limit if longest_first else 0)
+                 for members in groups]
+        for finished in self._finished(work, n, prog, seed, static, order, cuts,
+                                       samples_needed is not None):
+            settled = 0  # samples finished, or cancelled before they finished
+            complete = []  # groups whose every sample is now settled
+            for f in finished:
+                i, j = f.request.prompt, f.request.sample
+                if j >= limit[i]:  # finished before its cancellation reached it
+                    self.stats.drop(i, len(f.tokens), "cancelled")
+                    continue
+                results[i][j] = g = self._generation(f)
+                settled += 1
+                unsettled[group_of[i]] -= 1
+                m = None if samples_needed is None else samples_needed(i, j, g)
+                if m is not None and m < limit[i]:
+                    if m < 1 or any(r is None for r in results[i][:m]):
+                        raise ValueError(f"samples_needed gave {m} before samples 0.."
+                                         f"{m - 1} of prompt {i} finished")
+                    late = [r for r in results[i][m:limit[i]] if r is not None]
+                    for r in late:  # finished before the cut (in this list): discarded
+                        self.stats.drop(i, r.num_tokens, "cancelled")
+                    dropped = limit[i] - m - len(late)  # not finished: cancelled
+                    settled += dropped
+                    unsettled[group_of[i]] -= dropped
+                    limit[i] = m
+                    cuts.append((i, m))
+                if not unsettled[group_of[i]]:
+                    complete.append(group_of[i])
+            if progress is not None:
+                progress(settled)
+            for g in sorted(set(complete)):
+                yield g, [results[i][:limit[i]] for i in groups[g]]  # type: ignore[misc]
 
     def _finished(self, work: list[Prompt], n: int, prog: PR.Program, seed: int, static: bool,
-                  longest_first: bool, cuts: list, by_sample: bool) -> Iterator[list[Finished]]:
+                  order: list[list[int]], cuts: list, by_sample: bool) -> Iterator[list[Finished]]:
         """The finished samples, a list at a time; between lists, the (prompt, sample)
         cancellations the caller appended to `cuts` go to the scheduler."""
         if static:
             yield from run_static(self.device, work, n, prog, seed, self.stats)
             return
-        order = sorted(range(len(work)), key=lambda i: -work[i].limit if longest_first else 0)
         self.device.begin(prog, n, seed, by_sample)
         try:
             scheduler = Scheduler(self.device, work, n, order, self.refill_at, self.stats,

@@ -3,9 +3,11 @@ the prompt store, and when to prefill, insert and decode. It speaks to the devic
 `contract.SlotDevice`, so it runs as well against the fake device of the tests.
 
 Requests are (prompt, sample) pairs, all n samples of a prompt in turn, prompts in the given
-order. When slots are free, the next requests take them: prompts not yet in the store are
-prefilled in batches of one bucket (spare rows of a prefill batch take the prompts that come
-next), and each free slot starts one sample from its prompt's entry. Then a chunk of decode
+order, which comes in groups: a group's requests wait behind the previous group's, so a group
+starts in the slots the previous one frees as its last rows finish. When slots are free, the
+next requests take them: prompts not yet in the store are prefilled in batches of one bucket
+(spare rows of a prefill batch take the prompts that come next), and each free slot starts
+one sample from its prompt's entry. Then a chunk of decode
 steps runs until `refill_at` slots have finished (or every slot, once nothing waits), so the
 host steps in once per refill, not once per token. While a chunk runs, the caller turns the
 previous chunk's finished rows into results. Every host takes the same decisions from the
@@ -16,10 +18,10 @@ running rows'); it then waits, with those after it, until rows end. Before each 
 device may preempt running rows (`preempt`: the rows outgrew its pages); their requests go
 back to the head of the queue and start again from scratch.
 
-Early stop (`by_sample=True`): requests run sample-major (every prompt's sample 0 before any
-sample 1), and a prompt's next sample waits while an earlier one is undecided (running, or
-finished but not yet seen by the caller) as long as another prompt's request can start
-instead; between yields the caller may `cancel` a prompt's samples from some index on:
+Early stop (`by_sample=True`): requests run sample-major within a group (every prompt's
+sample 0 before any sample 1), and a prompt's next sample waits while an earlier one is
+undecided (running, or finished but not yet seen by the caller) as long as another prompt's
+request, of its group or a later one, can start instead; between yields the caller may `cancel` a prompt's samples from some index on:
 waiting requests are dropped, running rows are freed at the next host check (the device
 marks them done unless a new request takes the slot). A prompt is prefilled once either way:
 its store entry is held until all its samples have started or been cancelled (with early
@@ -38,12 +40,14 @@ class Scheduler:
     per host check."""
 
     def __init__(self, device: SlotDevice, prompts: Sequence[Prompt], n: int,
-                 order: Sequence[int], refill_at: int, stats: Stats, by_sample: bool = False):
+                 order: Sequence[Sequence[int]], refill_at: int, stats: Stats,
+                 by_sample: bool = False):
         self.device, self.prompts, self.n = device, list(prompts), n
         self.refill_at, self.stats = refill_at, stats
-        # the waiting requests, in order (cancelled ones are dropped at the next admit)
-        self.queue = ([Request(i, j) for j in range(n) for i in order] if by_sample else
-                      [Request(i, j) for i in order for j in range(n)])
+        # the waiting requests, in order, group by group (cancelled ones are dropped at the
+        # next admit)
+        self.queue = [Request(i, j) for group in order for j in range(n) for i in group] \
+            if by_sample else [Request(i, j) for group in order for i in group for j in range(n)]
         self.recut = False  # cancellations since the last admit
         self.by_sample = by_sample
         self.undecided = [0] * len(self.prompts)  # samples running or not yet seen by the caller
@@ -119,9 +123,7 @@ class Scheduler:
         rows = []
         for r in sorted(self.dropping):
             self.undecided[self.held[r].prompt] -= 1
-            self.stats.cancelled += 1
-            self.stats.cancelled_tokens += int(chunk.drawn[r])
-            self.stats.tokens += int(chunk.drawn[r])
+            self.stats.drew(self.held[r].prompt, int(chunk.drawn[r]), "cancelled")
             self.held[r] = None
             if not chunk.done[r]:
                 self.stale.append(r)
@@ -131,7 +133,7 @@ class Scheduler:
                 num = int(chunk.drawn[r])
                 rows.append(Finished(request, chunk.tokens[r, :num], bool(chunk.stopped[r]),
                                      None if chunk.logits is None else chunk.logits[r, :num]))
-                self.stats.tokens += num
+                self.stats.drew(request.prompt, num)
                 self.held[r] = None
         return rows
 
@@ -139,9 +141,7 @@ class Scheduler:
         """Slot `slot`'s row was preempted: its request goes back to the head of the queue
         (its drawn tokens are thrown away)."""
         request, self.held[slot] = self.held[slot], None
-        self.stats.preempted += 1
-        self.stats.preempted_tokens += drawn
-        self.stats.tokens += drawn
+        self.stats.drew(request.prompt, drawn, "preempted")
         self.undecided[request.prompt] -= 1
         if request.sample >= self.cut[request.prompt]:
             return  # cancelled meanwhile

@@ -67,5 +67,5 @@ def collect(device: Device, batch: list, handle, g: int, stats: Stats) -> list[F
             r, num = p * g + j, int(drawn[p * g + j])
             out.append(Finished(Request(i, first + j), tokens[r, :num], bool(stopped[r]),
                                 None if logits is None else logits[r, :num]))
-            stats.tokens += num
+            stats.drew(i, num)
     return out

@@ -137,7 +137,7 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
     """New labelled problems {id, question, answer, synthetic, stage, seed_id, agreement,
     votes, n_votes} and stats (written problems, empty ones, votes by status). `sampler`
     (think.batch_size slots) is reused when given, else one is made."""
-    from tpt_jax.stages import think
+    from tpt_jax.stages import completions, think
 
     chosen = pick_seeds(seeds, cfg.per_round, cfg.seed, round_)
     stages = [stage_for(cfg, i) for i in range(len(chosen))]
@@ -149,8 +149,9 @@ def synthesize(params: Any, model, tokenizer, seeds: Sequence[dict], cfg: Synthe
     if sampler is None:
         sampler = think.make_sampler(model, tokenizer, write_cfg, mesh)
     sampler.update_params(params)
-    outs = think.complete(sampler, tokenizer, texts, ids, think.sampling_config(write_cfg), 1,
-                          cfg.seed + 1000 * round_, SYNTH_STOPS + [chat.end]) if texts else []
+    outs = completions.complete(sampler, tokenizer, texts, ids,
+                                think.sampling_config(write_cfg), 1, cfg.seed + 1000 * round_,
+                                SYNTH_STOPS + [chat.end]) if texts else []
     problems, empty = [], 0
     for pid, st, s, out in zip(ids, stages, chosen, outs):
         text = out[0]["completion"].strip()

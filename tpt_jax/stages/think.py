@@ -1,10 +1,14 @@
 """Think: n sampled reasoning traces per question, written as resumable JSONL shards.
 
 Questions are split into shards of `shard_size` (in dataset order); each shard's samples are
-written atomically to `samples-00000.jsonl`, `samples-00001.jsonl`, ... A rerun skips the shards
-that exist, so an interrupted run continues from the last complete shard and every
-(question, sample) appears exactly once. Because each sample's randomness comes from
-(seed, question id, sample index), the resumed run writes what an uninterrupted one would have.
+written atomically to `samples-00000.jsonl`, `samples-00001.jsonl`, ... as soon as they are all
+in. The shards go through one generate call (`Sampler.stream`; budget mode, whose waves depend
+on a shard's samples, calls per shard): the next shard's samples start in the slots one shard's
+last traces leave, where a call a shard would idle them. A rerun skips the shards that exist,
+so an interrupted run samples only the missing ones and every (question, sample) appears
+exactly once. Because each sample's randomness comes from (seed, question id, sample index),
+the resumed run writes what an uninterrupted one would have (the tokens early stop's cancelled
+rows drew before they stopped depend on the schedule, so decoded.json may differ a little).
 `think.json` in the same folder records the settings that decide the samples; resuming with
 different ones is an error rather than a silent mix.
 """
@@ -14,7 +18,7 @@ import collections
 import hashlib
 import logging
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -23,9 +27,11 @@ from tpt_jax import faults
 from tpt_jax import io as tio
 from tpt_jax import prompts as P
 from tpt_jax.stages import answers, budget
+from tpt_jax.stages.completions import complete, complete_groups
 from tpt_jax.stages import prune as PR
 from tpt_jax.config import ConfigError, PruneConfig, ThinkConfig, TptError
 from tpt_jax.engine import Sampler, SamplingConfig
+from tpt_jax.engine.contract import DRAWN
 from tpt_jax.engine.sampler import (PAGE_SIZE, check_share, pool_pages, prompt_buckets,
                                     resolve_attention, row_shards)
 
@@ -130,35 +136,6 @@ def fit_prompts(encoded: Sequence[list[int]], max_prompt_tokens: int, policy: st
             head = list(ids[:min(keep_first, max_prompt_tokens - 1)])
             out.append(head + list(ids[len(ids) - (max_prompt_tokens - len(head)):]))
     return out, long_idx
-
-
-def complete(sampler: Sampler, tokenizer, prompt_texts: Sequence[str], ids: Sequence[str],
-             sampling: SamplingConfig, n: int, seed: int, stops: Sequence[str],
-             progress=None, encoded: Optional[Sequence[list[int]]] = None,
-             needed=None, first_sample: Optional[Sequence[int]] = None) -> list[list[dict]]:
-    """Sample n completions per prompt text -> [prompt][sample] dicts with completion (text cut
-    at the first stop string), finish ("stop" | "length") and tokens (tokens drawn).
-    `encoded` (the prompts as token ids, e.g. after `fit_prompts`) replaces encoding the texts.
-    `needed(prompt, sample, record)` (e.g. `prune.StopRule.needed`) may end a prompt's
-    sampling early (`Sampler.generate`'s samples_needed): it then gets fewer records.
-    `first_sample` (one per prompt) continues each prompt's samples from that index."""
-    if encoded is None:
-        encoded = [tokenizer.encode(t, add_bos=True) for t in prompt_texts]
-    stop_tokens = [t for t in (tokenizer.encode(s) for s in stops) if t]
-    until = None if needed is None else (
-        lambda i, j, g: needed(i, j, sample_record(g, tokenizer, stops)))
-    gens = sampler.generate(encoded, sampling, n=n, ids=ids, seed=seed, progress=progress,
-                            stop_tokens=stop_tokens, samples_needed=until,
-                            first_sample=first_sample)
-    return [[sample_record(g, tokenizer, stops) for g in per_prompt] for per_prompt in gens]
-
-
-def sample_record(g, tokenizer, stops: Sequence[str]) -> dict:
-    """A generation as Think records it: text cut at the first stop string, why it ended,
-    tokens drawn."""
-    text, cut = P.cut_at_stop(tokenizer.decode(g.tokens), stops)
-    return {"completion": text, "finish": "stop" if (cut or g.finish == "stop") else "length",
-            "tokens": g.num_tokens}
 
 
 # ----------------------------------------------------------------------------- resumable run
@@ -332,32 +309,36 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
                disable=True if not progress or jax.process_index() != 0 else None)
     share = None if settle is None else budget.shares(cfg.budget_tokens,
                                                       [len(s) for s in shards])
-    records: list[dict] = []
-    used = offered = skipped = 0  # tokens drawn / slot-steps run; samples cancelled
-    preempted = redrawn = 0  # rows the paged cache preempted / the tokens they had drawn
+    by_shard = dict(reused)  # shard -> its records
+    parts: dict[int, list] = {}  # shard sampled now -> [(a generate call's Stats, its prompts)]
+    todo = [k for k, d in enumerate(done) if not d]
+    if settle is None:
+        sampled = _stream_shards(sampler, tokenizer, questions, texts, encoded, shards, todo,
+                                 cfg, sampling, stops, bar, prune, cap)
+    else:
+        sampled = _budget_shards(sampler, tokenizer, questions, texts, encoded, shards, todo,
+                                 cfg, sampling, stops, bar, prune, cap, settle, share)
     try:
-        for k, (shard, is_done) in enumerate(zip(shards, done)):
-            if is_done:
-                records += reused[k]
-                continue
-            outs, calls = _sample_shard(
-                sampler, tokenizer, [questions[i] for i in shard], [texts[i] for i in shard],
-                [encoded[i] for i in shard], cfg, sampling, stops, bar, prune, cap, settle,
-                None if share is None else share[k]) if shard else ([], [])
-            used += sum(c.tokens for c in calls)
-            offered += sum(c.slots * c.decode_steps for c in calls)
-            skipped += sum(c.cancelled for c in calls)
-            preempted += sum(c.preempted for c in calls)
-            redrawn += sum(c.preempted_tokens for c in calls)
+        for k, outs, part in sampled:
+            parts[k] = part
             recs = [{"id": questions[i]["id"], "sample": j, "source": source, "prompt": texts[i],
-                     **o} for i, per_q in zip(shard, outs) for j, o in enumerate(per_q)]
+                     **o} for i, per_q in zip(shards[k], outs) for j, o in enumerate(per_q)]
             if out_dir is not None and jax.process_index() == 0:
-                _record_decoded(out_dir, k, calls)
+                _record_decoded(out_dir, parts)
                 tio.write_jsonl_atomic(tio.path(out_dir) / shard_name(k), recs)
                 faults.point("shard-written")
-            records += recs
+            by_shard[k] = recs
     finally:
         bar.close()
+    if out_dir is not None and parts and jax.process_index() == 0:
+        _record_decoded(out_dir, parts)  # with cancelled rows freed after their shard was written
+    records = [r for k in range(len(shards)) for r in by_shard[k]]
+    calls = list({id(c): c for part in parts.values() for c, _ in part}.values())
+    used = sum(c.tokens for c in calls)  # tokens drawn
+    offered = sum(c.slots * c.decode_steps for c in calls)  # slot-steps run
+    skipped = sum(c.cancelled for c in calls)  # samples cancelled
+    preempted = sum(c.preempted for c in calls)  # rows the paged cache preempted
+    redrawn = sum(c.preempted_tokens for c in calls)  # the tokens they had drawn
     if out_dir is not None:
         log.info("think: %d samples for %d questions in %s (%d shards, %d reused%s%s)",
                  len(records), len(questions), out_dir, len(shards), sum(done),
@@ -382,44 +363,72 @@ def think(params: Any, model, tokenizer, questions: Sequence[dict], cfg: ThinkCo
     return records
 
 
-def _sample_shard(sampler: Sampler, tokenizer, questions: list[dict], texts: list[str],
-                  encoded: list, cfg: ThinkConfig, sampling: SamplingConfig, stops: list[str],
-                  bar, prune: Optional[PruneConfig], cap: Optional[int], settle: Optional[int],
-                  share: Optional[int]) -> tuple[list[list[dict]], list]:
-    """One shard's samples -> (records per question, the Stats of each generate call): n per
-    question (fewer where early stop, `cap`, settles a question), then in budget mode
-    (`settle`, the shard's `share` of the budget) the waves of `budget.Waves`."""
-    ids = [str(q["id"]) for q in questions]
-    rule = None if cap is None and settle is None else stop_rule(prune, cap or settle, questions)
-    outs = complete(sampler, tokenizer, texts, ids, sampling, cfg.n, cfg.seed, stops,
-                    progress=bar.update, encoded=encoded,
-                    needed=None if cap is None else rule.needed)
-    calls = [sampler.stats]
-    if settle is None:
-        return outs, calls
-    waves = budget.Waves(rule, cfg.n_max, share, cfg.max_new_tokens)
-    waves.add(range(len(questions)), outs, sampler.stats.sampled_tokens)
-    wave = waves.next()
-    while wave:
-        bar.total += len(wave)
-        more = complete(sampler, tokenizer, [texts[q] for q in wave], [ids[q] for q in wave],
-                        sampling, 1, cfg.seed, stops, progress=bar.update,
-                        encoded=[encoded[q] for q in wave],
-                        first_sample=[len(waves.drawn[q]) for q in wave])
-        calls.append(sampler.stats)
-        waves.add(wave, more, sampler.stats.sampled_tokens)
+def _stream_shards(sampler: Sampler, tokenizer, questions: Sequence[dict], texts: list[str],
+                   encoded: list, shards: list, todo: list[int], cfg: ThinkConfig,
+                   sampling: SamplingConfig, stops: list[str], bar,
+                   prune: Optional[PruneConfig], cap: Optional[int]) -> Iterator[tuple]:
+    """Shards `todo` in one generate call, so the next shard fills the slots while one shard's
+    longest rows finish -> yields (k, records per question, [(the call's Stats, shard k's
+    prompts in it)]) as each shard is complete: n samples a question, fewer where early stop
+    (`cap`) settles a question."""
+    flat = [i for k in todo for i in shards[k]]
+    if not flat:  # every shard left is empty (its prompts were skipped)
+        for k in todo:
+            yield k, [], []
+        return
+    sizes = [len(shards[k]) for k in todo]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    rule = None if cap is None else stop_rule(prune, cap, [questions[i] for i in flat])
+    for g, outs in complete_groups(sampler, tokenizer, [texts[i] for i in flat],
+                                   [str(questions[i]["id"]) for i in flat], sampling, cfg.n,
+                                   cfg.seed, stops, sizes, progress=bar.update,
+                                   encoded=[encoded[i] for i in flat],
+                                   needed=None if rule is None else rule.needed):
+        yield todo[g], outs, [(sampler.stats, range(bounds[g], bounds[g + 1]))]
+
+
+def _budget_shards(sampler: Sampler, tokenizer, questions: Sequence[dict], texts: list[str],
+                   encoded: list, shards: list, todo: list[int], cfg: ThinkConfig,
+                   sampling: SamplingConfig, stops: list[str], bar,
+                   prune: Optional[PruneConfig], cap: Optional[int], settle: int,
+                   share: list[int]) -> Iterator[tuple]:
+    """Budget mode, shard by shard (a wave depends on the shard's samples before it): yields
+    (k, records per question, [(each generate call's Stats, None: all its prompts)])."""
+    for k in todo:
+        shard = shards[k]
+        if not shard:
+            yield k, [], []
+            continue
+        ids = [str(questions[i]["id"]) for i in shard]
+        rule = stop_rule(prune, cap or settle, [questions[i] for i in shard])
+        outs = complete(sampler, tokenizer, [texts[i] for i in shard], ids, sampling, cfg.n,
+                        cfg.seed, stops, progress=bar.update,
+                        encoded=[encoded[i] for i in shard],
+                        needed=None if cap is None else rule.needed)
+        calls = [sampler.stats]
+        waves = budget.Waves(rule, cfg.n_max, share[k], cfg.max_new_tokens)
+        waves.add(range(len(shard)), outs, sampler.stats.sampled_tokens)
         wave = waves.next()
-    return waves.drawn, calls
+        while wave:
+            bar.total += len(wave)
+            more = complete(sampler, tokenizer, [texts[shard[q]] for q in wave],
+                            [ids[q] for q in wave], sampling, 1, cfg.seed, stops,
+                            progress=bar.update, encoded=[encoded[shard[q]] for q in wave],
+                            first_sample=[len(waves.drawn[q]) for q in wave])
+            calls.append(sampler.stats)
+            waves.add(wave, more, sampler.stats.sampled_tokens)
+            wave = waves.next()
+        yield k, waves.drawn, [(c, None) for c in calls]
 
 
-def _record_decoded(out_dir: str, k: int, calls: list) -> None:
-    """Note the tokens shard k's sampling drew (`calls`: the Stats of its generate calls),
-    before the shard itself is written (a rerun that samples the shard again writes it
-    again)."""
+def _record_decoded(out_dir: str, parts: dict) -> None:
+    """Note the tokens each shard sampled now drew (`parts`: shard -> [(a generate call's
+    Stats, the shard's prompts in it, None: all)]), before the shard itself is written (a
+    rerun that samples the shard again writes it again)."""
     drawn = _read_decoded(tio.path(out_dir))
-    drawn[shard_name(k)] = {key: sum(getattr(c, key) for c in calls)
-                            for key in ("tokens", "cancelled", "cancelled_tokens", "preempted",
-                                        "preempted_tokens")}
+    for k, part in parts.items():
+        counts = [c.drawn(prompts) for c, prompts in part]
+        drawn[shard_name(k)] = {key: sum(x[key] for x in counts) for key in DRAWN}
     tio.write_json_atomic(tio.path(out_dir) / DECODED, drawn)
 
 
