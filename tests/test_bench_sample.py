@@ -35,6 +35,22 @@ def test_ragged_workload_both_paths(tmp_path, capsys):
     assert cont["weights_mib"] > 0 and "roofline_share" not in cont  # CPU: no HBM figure
 
 
+def test_a_call_per_shard_leaves_slots_idle(tmp_path, capsys):
+    """--per-call 5: two calls, the second starting after the first's longest row (40)
+    ends; one call (Think's stream) fills those slots with the second half's rows."""
+    lengths = [3, 40, 5, 2, 4, 17, 5, 9, 2, 6]
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps(lengths))
+    one = bench(capsys, "--batch", "4", "--lengths", str(path))
+    apart = bench(capsys, "--batch", "4", "--lengths", str(path), "--per-call", "5")
+    assert (one["prompts_a_call"], apart["prompts_a_call"]) == (10, 5)
+    assert one["useful_tokens"] == apart["useful_tokens"] == sum(lengths)
+    assert apart["decode_steps"] >= 40 + 17 > one["decode_steps"]
+    assert apart["slot_utilization"] < one["slot_utilization"]
+    # the dense cache: every slot's columns each step, whichever call the step is in
+    assert apart["kv_read_mib_per_step"] == one["kv_read_mib_per_step"] > 0
+
+
 def test_paged_pool_holds_more_rows_per_gb(tmp_path, capsys):
     """--n samples of each length's prompt through a pool of 6 pages (96 columns, where the
     dense cache reserves 64 for each of 6 slots): the same useful tokens, more rows decoding

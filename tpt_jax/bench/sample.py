@@ -12,7 +12,8 @@ compiled first (`Sampler.warm_up`), then one timed call: `useful_tokens_per_s` =
 lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps), a step being
 one decode step of every slot (the step that inserts rows and draws their first tokens counts
 as one). Rows start in file order, as in Think, which cannot know a trace's length before it
-ends; `--longest-first` starts the longest limits first (the best case, with lengths known in
+ends, in one generate call, as Think streams its shards (`--per-call P`: a call every P
+prompts, each waiting for the last to end); `--longest-first` starts the longest limits first (the best case, with lengths known in
 advance). `--static` runs the same rows through static batches in file order (each runs to its
 longest row: the peer's best case).
 
@@ -32,6 +33,7 @@ prompt's full pages shared by its samples), admitting rows while pages last and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -44,6 +46,7 @@ from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES
 from tpt_jax.engine import Sampler, SamplingConfig
 from tpt_jax.engine.cache import cache_bytes
+from tpt_jax.engine.contract import Stats
 from tpt_jax.engine.programs import TRACE_COUNT
 
 
@@ -64,6 +67,9 @@ def add_bench_cli(parser) -> None:
     parser.add_argument("--longest-first", action="store_true",
                         help="start the longest rows first (lengths known in advance: the best "
                              "case), not in file order (as in Think, where EOS decides lengths)")
+    parser.add_argument("--per-call", type=int, default=None, metavar="P",
+                        help="ragged: P prompts a generate call, one call after another (a "
+                             "call a Think shard; Think streams its shards through one call)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the compile")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = rest)")
@@ -102,6 +108,14 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
     return total
 
 
+def added(calls: list[Stats]) -> Stats:
+    """The Stats of generate calls run one after another, as one."""
+    counts = ("decode_steps", "tokens", "prefills", "host_checks", "cancelled",
+              "cancelled_tokens", "preempted", "preempted_tokens")
+    return dataclasses.replace(calls[0], **{k: sum(getattr(c, k) for c in calls)
+                                            for k in counts})
+
+
 def memory(sampler: Sampler, stats, static: bool) -> dict:
     """Decode cache bytes and the rows it held on an average decode step (preempted rows'
     thrown-away steps included: they held pages too)."""
@@ -135,17 +149,17 @@ def measure_bandwidth(nbytes: int = 2 ** 32, repeats: int = 5) -> float:
 
 
 def step_bytes(sampler: Sampler, lengths: list, prompt: int, decode_steps: int,
-               rows_read: int, static: bool) -> dict:
+               rows_read: int, static: bool, columns_read: int) -> dict:
     """Bytes a decode step reads: weights, the cache columns attention read (static: the
-    whole dense cache of `rows_read` slots; continuous: as the device counted them, the
-    chunks' page buckets when paged), and the live columns only (row of length L reads
-    prompt + t columns at its step t)."""
+    whole dense cache of `rows_read` slots; continuous: `columns_read`, as the device counted
+    them, the chunks' page buckets when paged), and the live columns only (row of length L
+    reads prompt + t columns at its step t)."""
     cfg, dtype = sampler.model.cfg, sampler.model.dtype
     column = cache_bytes(cfg, 1, 1, dtype)
     weights = sum(x.nbytes for x in jax.tree.leaves(sampler.device.params))
     steps = max(decode_steps, 1)
     read = (rows_read * sampler.cache_length(max(lengths)) if static
-            else sampler.device.columns_read / steps)
+            else columns_read / steps)
     live = sum(L * prompt + L * (L + 1) // 2 for L in lengths) / steps
     return {"weights": weights, "kv_read": read * column, "kv_live": live * column}
 
@@ -156,6 +170,8 @@ def _bench(args) -> int:
     for name in ("batch", "n", "prompt", "new", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1")
+    if args.per_call is not None and (args.per_call < 1 or not args.lengths):
+        raise ConfigError("--per-call must be >= 1 and goes with --lengths")
     lengths = read_lengths(args.lengths) if args.lengths else None
     cfg = model_preset(args.shape)
     model = M.make_model(cfg, args.dtype, args.dtype)
@@ -178,21 +194,30 @@ def _bench(args) -> int:
 
     def run(seed):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = sampler.generate(prompts, sampling, n=args.n, seed=seed, static=args.static,
-                               max_new_tokens=lengths, longest_first=args.longest_first)
+        step, res, calls, columns = args.per_call or len(prompts), [], [], 0
+        for a in range(0, len(prompts), step):
+            b = min(a + step, len(prompts))
+            res += sampler.generate(prompts[a:b], sampling, n=args.n,
+                                    ids=[str(i) for i in range(a, b)], seed=seed,
+                                    static=args.static,
+                                    max_new_tokens=None if lengths is None else lengths[a:b],
+                                    longest_first=args.longest_first)
+            calls.append(sampler.stats)
+            columns += 0 if args.static else sampler.device.columns_read
+        sampler.stats = added(calls)
         n_tok = sum(len(s.tokens) for r in res for s in r)
-        return time.perf_counter() - t0, time.process_time() - c0, n_tok
+        return time.perf_counter() - t0, time.process_time() - c0, n_tok, columns
 
     if lengths:
         t0 = time.perf_counter()
         sampler.warm_up(sampling, static=args.static)
         compile_s = time.perf_counter() - t0
         before = sum(TRACE_COUNT.values())
-        wall, cpu, n_tok = run(1)
+        wall, cpu, n_tok, columns = run(1)
         s = sampler.stats
         assert n_tok == args.n * sum(lengths), (n_tok, args.n * sum(lengths))
         moved = step_bytes(sampler, [L for L in lengths for _ in range(args.n)], args.prompt,
-                           s.decode_steps, rows, args.static)
+                           s.decode_steps, rows, args.static, columns)
         step_s = wall / max(s.decode_steps, 1)
         roof = {}
         if jax.default_backend() != "cpu":
@@ -202,6 +227,7 @@ def _bench(args) -> int:
         print(json.dumps({
             **info, "workload": "ragged", "prompts": len(lengths), "n": args.n,
             "rows": args.n * len(lengths), "max_new": new,
+            "prompts_a_call": args.per_call or len(lengths),
             "useful_tokens": n_tok, "decode_steps": s.decode_steps,
             "slot_utilization": s.slot_utilization, "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3), "useful_tokens_per_s": round(n_tok / wall, 1),
@@ -215,10 +241,10 @@ def _bench(args) -> int:
             **memory(sampler, s, args.static), **roof}))
         return 0
 
-    first, _, _ = run(0)
+    first = run(0)[0]
     times, cpu = [], []
     for r in range(args.repeats):
-        dt, dc, n_tok = run(r + 1)
+        dt, dc, n_tok, _ = run(r + 1)
         times.append(dt)
         cpu.append(dc)
     best = min(times)
