@@ -13,9 +13,9 @@ lengths / wall time, `slot_utilization` = useful tokens / (slots x decode steps)
 one decode step of every slot (the step that inserts rows and draws their first tokens counts
 as one). Rows start in file order, as in Think, which cannot know a trace's length before it
 ends, in one generate call, as Think streams its shards (`--per-call P`: a call every P
-prompts, each waiting for the last to end); `--longest-first` starts the longest limits first (the best case, with lengths known in
-advance). `--static` runs the same rows through static batches in file order (each runs to its
-longest row: the peer's best case).
+prompts, each waiting for the last to end); `--longest-first` starts the longest limits first
+(the best case, with lengths known in advance). `--static` runs the same rows through static
+batches in file order (each runs to its longest row: the peer's best case).
 
 Bytes a decode step moves: `weights_mib` (read once a step), `kv_read_mib_per_step` (the dense
 slot cache: every column of every slot, whatever its live length) and `kv_live_mib_per_step`
@@ -46,7 +46,7 @@ from tpt_jax.gemma import model as M
 from tpt_jax.gemma.sharding import SAMPLE_RULES
 from tpt_jax.engine import Sampler, SamplingConfig
 from tpt_jax.engine.cache import cache_bytes
-from tpt_jax.engine.contract import Stats
+from tpt_jax.engine.contract import DRAWN, Stats
 from tpt_jax.engine.programs import TRACE_COUNT
 
 
@@ -110,8 +110,7 @@ def kv_bytes(sampler: Sampler, static: bool, batch_prompts: int) -> int:
 
 def added(calls: list[Stats]) -> Stats:
     """The Stats of generate calls run one after another, as one."""
-    counts = ("decode_steps", "tokens", "prefills", "host_checks", "cancelled",
-              "cancelled_tokens", "preempted", "preempted_tokens")
+    counts = (*DRAWN, "decode_steps", "prefills", "host_checks")
     return dataclasses.replace(calls[0], **{k: sum(getattr(c, k) for c in calls)
                                             for k in counts})
 

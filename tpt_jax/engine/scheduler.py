@@ -7,11 +7,10 @@ order, which comes in groups: a group's requests wait behind the previous group'
 starts in the slots the previous one frees as its last rows finish. When slots are free, the
 next requests take them: prompts not yet in the store are prefilled in batches of one bucket
 (spare rows of a prefill batch take the prompts that come next), and each free slot starts
-one sample from its prompt's entry. Then a chunk of decode
-steps runs until `refill_at` slots have finished (or every slot, once nothing waits), so the
-host steps in once per refill, not once per token. While a chunk runs, the caller turns the
-previous chunk's finished rows into results. Every host takes the same decisions from the
-same replicated outputs.
+one sample from its prompt's entry. Then a chunk of decode steps runs until `refill_at` slots
+have finished (or every slot, once nothing waits), so the host steps in once per refill, not
+once per token. While a chunk runs, the caller turns the previous chunk's finished rows into
+results. Every host takes the same decisions from the same replicated outputs.
 
 A device with a paged cache may refuse a request (`reserve`: its pages do not fit beside the
 running rows'); it then waits, with those after it, until rows end. Before each chunk the
@@ -21,11 +20,12 @@ back to the head of the queue and start again from scratch.
 Early stop (`by_sample=True`): requests run sample-major within a group (every prompt's
 sample 0 before any sample 1), and a prompt's next sample waits while an earlier one is
 undecided (running, or finished but not yet seen by the caller) as long as another prompt's
-request, of its group or a later one, can start instead; between yields the caller may `cancel` a prompt's samples from some index on:
-waiting requests are dropped, running rows are freed at the next host check (the device
-marks them done unless a new request takes the slot). A prompt is prefilled once either way:
-its store entry is held until all its samples have started or been cancelled (with early
-stop the store holds twice as many prompts as there are slots, `device.Device.begin`).
+request, of its group or a later one, can start instead; between yields the caller may
+`cancel` a prompt's samples from some index on: waiting requests are dropped, running rows
+are freed at the next host check (the device marks them done unless a new request takes the
+slot). A prompt is prefilled once either way: its store entry is held until all its samples
+have started or been cancelled (with early stop the store holds twice as many prompts as
+there are slots, `device.Device.begin`).
 """
 from __future__ import annotations
 
